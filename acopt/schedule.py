@@ -107,11 +107,20 @@ class MemoryModel:
         return frozenset(out)
 
     @cached_property
+    def mutations(self) -> dict[str, tuple[int, ...]]:
+        """Storage -> positions of the nodes that write it in place, before the
+        optimizer region (optimizer writes come after every recompute block)."""
+        out: dict[str, list[int]] = {}
+        for i, n in enumerate(self.profile.nodes):
+            if n.region != Region.OPTIMIZER:
+                for s in n.mutates:
+                    out.setdefault(s, []).append(i)
+        return {k: tuple(v) for k, v in out.items()}
+
+    @property
     def mutated(self) -> frozenset[str]:
         """Storages written in place before the optimizer region."""
-        return frozenset(
-            s for n in self.profile.nodes if n.region != Region.OPTIMIZER for s in n.mutates
-        )
+        return frozenset(self.mutations)
 
     @cached_property
     def later_users(self) -> dict[str, tuple[str, ...]]:
@@ -147,13 +156,18 @@ class MemoryModel:
         if n.mutates and not n.replay:
             return False
         if self.mutated.intersection(n.storages):
-            return False
-        # A value read after it was changed in place would replay differently.
-        # A mutation-free replay form drops the inputs the node itself mutates.
+            return False  # its value changes after it is made: a replay would differ
+        # An input written in place after this node read it would be read
+        # changed by a replay. A mutation-free replay form drops the inputs
+        # the node itself writes.
+        here = self._index[node]
         dropped = set(n.mutates) if n.replay else set()
         for i in n.inputs:
-            if (self.mutated - dropped).intersection(self._nodes[i].storages):
-                return False
+            for s in self._nodes[i].storages:
+                if s in dropped:
+                    continue
+                if any(m > here for m in self.mutations.get(s, ())):
+                    return False
         return True
 
     @cached_property

@@ -212,7 +212,7 @@ def trace(
     gm, state_slots, grad_params, marks = traced
     _tag_regions(gm, marks)
     _drop_noise(gm)
-    return TracedStep(
+    step = TracedStep(
         graph_module=gm,
         model=model,
         optimizer=optimizer,
@@ -229,6 +229,23 @@ def trace(
             "trace_time_s": time.perf_counter() - start,
         },
     )
+    _name_placeholders(gm, step.input_specs)
+    return step
+
+
+def _name_placeholders(gm: fx.GraphModule, specs: Sequence[InputSpec]) -> None:
+    """Name placeholders after what they hold: ``param__0_weight``, ``batch_0``..."""
+    prefix = {
+        Role.PARAMETER: "param__",
+        Role.BUFFER: "buffer__",
+        Role.OPTIMIZER_STATE: "state__",
+        Role.INPUT: "",
+    }
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, spec in zip(placeholders, specs, strict=True):
+        key = spec.key.replace("[", "_").replace("]", "")
+        node._rename(prefix[spec.role] + "".join(c if c.isalnum() else "_" for c in key))
+    gm.recompile()
 
 
 def _check_supported(model, optimizer, batch) -> None:

@@ -1,0 +1,468 @@
+"""Profile a traced training step into a torch-free :class:`~acopt.records.Profile`.
+
+An interpreter runs the step graph node by node on *copies* of the model's and
+optimizer's tensors (the originals and the RNG are left as they were) and
+records, per node: median run time, the storages its value refers to and the
+ones it newly allocates, what it mutates, whether it is random, whether a
+recompute block may replay it. Memory is counted per storage exactly as
+docs/memory-model.md says: a value is dropped after its last use, a storage is
+freed when no live value refers to it, placeholders and outputs live to the end.
+
+With ``fake=True`` the inputs become fake tensors: memory is exact, no kernel
+runs, and node times come from :func:`estimate_time` (stated, never passed off
+as measured: ``Profile.meta.estimated_times``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.utils._pytree import tree_flatten
+
+from acopt.records import (
+    OUTPUT,
+    PLACEHOLDER,
+    ActivationRecord,
+    NodeRecord,
+    Profile,
+    ProfileMeta,
+    Region,
+    Role,
+    StorageRecord,
+)
+from acopt.schedule import InvalidPlan, MemoryModel
+from acopt.tracer import REGION_KEY, TracedStep
+
+#: Ops replayed without their in-place effect on running statistics.
+BATCH_NORM_OPS = frozenset(
+    {
+        "aten.native_batch_norm.default",
+        "aten._native_batch_norm_legit.default",
+        "aten.cudnn_batch_norm.default",
+        "aten.miopen_batch_norm.default",
+    }
+)
+DROP_RUNNING_STATS = "drop_running_stats"
+
+#: The fake-mode time estimator's machine (documented in docs/usage.md).
+ESTIMATOR_FLOPS = 1.0e11  # 100 GFLOP/s
+ESTIMATOR_BYTES = 2.0e10  # 20 GB/s
+ESTIMATOR_OVERHEAD_S = 2e-6
+
+
+def estimate_time(flops: float, bytes_moved: float) -> float:
+    """Roofline estimate of a node's time: max(compute, memory) + launch overhead."""
+    return max(flops / ESTIMATOR_FLOPS, bytes_moved / ESTIMATOR_BYTES) + ESTIMATOR_OVERHEAD_S
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    flat, _ = tree_flatten(value)
+    return [t for t in flat if isinstance(t, torch.Tensor)]
+
+
+def _storage_key(t: torch.Tensor) -> int:
+    return t.untyped_storage()._cdata
+
+
+def _target_name(node: fx.Node) -> str:
+    if node.op in (PLACEHOLDER, OUTPUT):
+        return node.op
+    t = node.target
+    if t is operator.getitem:
+        return "getitem"
+    return str(t) if isinstance(t, torch._ops.OpOverload) else getattr(t, "__name__", str(t))
+
+
+def mutated_args(node: fx.Node) -> list[fx.Node]:
+    """The input nodes an op writes in place (from its schema)."""
+    target = node.target
+    if not isinstance(target, torch._ops.OpOverload):
+        return []
+    if str(target) in BATCH_NORM_OPS:
+        # The schema does not say so, but in training mode these write the
+        # running statistics (arguments 3 and 4) in place.
+        training = node.args[5] if len(node.args) > 5 else node.kwargs.get("training", False)
+        return [a for a in node.args[3:5] if isinstance(a, fx.Node)] if training else []
+    out = []
+    schema = target._schema
+    for i, arg in enumerate(schema.arguments):
+        if arg.alias_info is None or not arg.alias_info.is_write:
+            continue
+        value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+        out.extend(x for x in tree_flatten(value)[0] if isinstance(x, fx.Node))
+    return out
+
+
+def is_random(node: fx.Node) -> bool:
+    t = node.target
+    return isinstance(t, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in t.tags
+
+
+@dataclasses.dataclass(slots=True)
+class _Run:
+    """What one pass over the graph observed."""
+
+    times: list[float]
+    flops: list[float]
+    node_storages: list[tuple[str, ...]]
+    node_allocates: list[tuple[str, ...]]
+    storage_bytes: dict[str, int]
+    storage_node: dict[str, str]
+    timeline: list[int]
+
+
+class StepInterpreter:
+    """Runs a step graph node by node with per-storage accounting.
+
+    Not an ``fx.Interpreter`` subclass: the freeing order is part of the
+    measurement, so it is written out here (rule 1 of the memory model).
+    """
+
+    def __init__(self, gm: fx.GraphModule, *, device: torch.device, count_flops: bool = False):
+        self.gm = gm
+        self.nodes = list(gm.graph.nodes)
+        self.device = device
+        self.count_flops = count_flops
+        index = {n: i for i, n in enumerate(self.nodes)}
+        last_use: dict[fx.Node, int] = {}
+        for i, n in enumerate(self.nodes):
+            for a in n.all_input_nodes:
+                last_use[a] = i
+        self.frees: list[list[fx.Node]] = [[] for _ in self.nodes]
+        for n in self.nodes:
+            if n.op in (PLACEHOLDER, OUTPUT):
+                continue
+            i = last_use.get(n, index[n])
+            if self.nodes[i].op != OUTPUT:
+                self.frees[i].append(n)
+
+    def run(self, inputs: list[Any], *, record: bool = True, timer: Callable[[], float] | None = None) -> tuple[Any, _Run]:
+        env: dict[fx.Node, Any] = {}
+        storage_name = _storage_names(self.nodes)
+        live: dict[int, list] = {}  # storage key -> [name, bytes, refs]
+        node_keys: dict[fx.Node, list[int]] = {}
+        run = _Run([], [], [], [], {}, {}, [])
+        live_bytes = 0
+        args_iter: Iterator[Any] = iter(inputs)
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else None
+        out_value = None
+        for i, node in enumerate(self.nodes):
+            flops = 0.0
+            if node.op == PLACEHOLDER:
+                value = next(args_iter)
+                elapsed = 0.0
+            elif node.op == OUTPUT:
+                value = fx.node.map_arg(node.args[0], env.__getitem__)
+                out_value = value
+                elapsed = 0.0
+            else:
+                args = fx.node.map_arg(node.args, env.__getitem__)
+                kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
+                if self.count_flops:
+                    from torch.utils.flop_counter import FlopCounterMode
+
+                    with FlopCounterMode(display=False) as fc:
+                        value = node.target(*args, **kwargs)
+                    flops = float(fc.get_total_flops())
+                    elapsed = 0.0
+                else:
+                    if sync:
+                        sync()
+                    t0 = time.perf_counter()
+                    value = node.target(*args, **kwargs)
+                    if sync:
+                        sync()
+                    elapsed = time.perf_counter() - t0
+            env[node] = value
+            if not record:
+                for dead in self.frees[i]:
+                    del env[dead]
+                continue
+            names, allocs = [], []
+            keys = []
+            for j, t in enumerate(_tensors(value) if node.op != OUTPUT else []):
+                key = _storage_key(t)
+                entry = live.get(key)
+                if entry is None:
+                    name = storage_name(node, j)
+                    nbytes = t.untyped_storage().nbytes()
+                    entry = live[key] = [name, nbytes, 0]
+                    run.storage_bytes[name] = nbytes
+                    run.storage_node[name] = node.name
+                    allocs.append(name)
+                    live_bytes += nbytes
+                if key not in keys:
+                    keys.append(key)
+                    entry[2] += 1
+                    names.append(entry[0])
+            node_keys[node] = keys
+            run.times.append(elapsed)
+            run.flops.append(flops)
+            run.node_storages.append(tuple(names))
+            run.node_allocates.append(tuple(allocs))
+            run.timeline.append(live_bytes)
+            for dead in self.frees[i]:
+                del env[dead]
+                for key in node_keys.pop(dead, ()):
+                    entry = live[key]
+                    entry[2] -= 1
+                    if entry[2] == 0:
+                        live_bytes -= entry[1]
+                        del live[key]
+        return out_value, run
+
+
+def _storage_names(nodes: list[fx.Node]) -> Callable[[fx.Node, int], str]:
+    """Name a new storage after the node that makes it (or its getitem, for tuples)."""
+    getitem_names: dict[tuple[str, int], str] = {}
+    for n in nodes:
+        if n.target is operator.getitem and isinstance(n.args[0], fx.Node) and isinstance(n.args[1], int):
+            getitem_names.setdefault((n.args[0].name, n.args[1]), n.name)
+    used: set[str] = set()
+
+    def name(node: fx.Node, j: int) -> str:
+        if j == 0 and node.name not in used and not _is_multi(node):
+            candidate = node.name
+        else:
+            candidate = getitem_names.get((node.name, j), f"{node.name}.{j}")
+        while candidate in used:
+            candidate += "_"
+        used.add(candidate)
+        return candidate
+
+    return name
+
+
+def _is_multi(node: fx.Node) -> bool:
+    val = node.meta.get("val")
+    return isinstance(val, (tuple, list))
+
+
+# ---------------------------------------------------------------------------
+def profile(
+    traced: TracedStep,
+    *batch: torch.Tensor,
+    warmup: int = 2,
+    iterations: int = 3,
+    fake: bool = False,
+    model_name: str = "",
+    progress: bool = False,
+) -> Profile:
+    """Profile one step of ``traced`` on ``batch``; leaves model, optimizer and RNG as found."""
+    if iterations < 1:
+        raise ValueError("iterations must be >= 1")
+    inputs = traced.flat_inputs(*batch)
+    device = next((t.device for t in inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
+    interp = StepInterpreter(traced.graph_module, device=device, count_flops=fake)
+    rng = _RngState.capture(device)
+    try:
+        if fake:
+            from torch._subclasses.fake_tensor import FakeTensorMode
+
+            mode = FakeTensorMode(allow_non_fake_inputs=False)
+            with mode, torch.no_grad():
+                fake_inputs = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in inputs]
+                _, run = interp.run(fake_inputs)
+            runs = [run]
+        else:
+            copies = [t.detach().clone() if isinstance(t, torch.Tensor) else t for t in inputs]
+            runs = []
+            total = warmup + iterations
+            bar = _progress(total, progress, "profiling")
+            with torch.no_grad():
+                for it in range(total):
+                    _, run = interp.run(copies, record=True)
+                    if it >= warmup:
+                        runs.append(run)
+                    bar(it + 1)
+    finally:
+        rng.restore()
+    return _build_profile(traced, interp, runs, fake=fake, device=device, model_name=model_name, iterations=iterations)
+
+
+def _progress(total: int, enabled: bool, label: str) -> Callable[[int], None]:
+    if not enabled:
+        return lambda _: None
+    from rich.progress import Progress
+
+    prog = Progress(transient=True)
+    task = prog.add_task(label, total=total)
+    prog.start()
+
+    def update(done: int) -> None:
+        prog.update(task, completed=done)
+        if done >= total:
+            prog.stop()
+
+    return update
+
+
+@dataclasses.dataclass(slots=True)
+class _RngState:
+    cpu: torch.Tensor
+    cuda: torch.Tensor | None
+
+    @classmethod
+    def capture(cls, device: torch.device) -> _RngState:
+        cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        return cls(torch.get_rng_state(), cuda)
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda)
+
+
+def _build_profile(traced, interp, runs, *, fake, device, model_name, iterations) -> Profile:
+    nodes = interp.nodes
+    last = runs[-1]
+    for r in runs[:-1]:  # storage accounting must not change between iterations
+        if r.node_allocates != last.node_allocates or r.timeline != last.timeline:
+            raise RuntimeError("storage accounting differed between profiling iterations")
+    if fake:
+        times = [
+            0.0 if n.op in (PLACEHOLDER, OUTPUT) else estimate_time(last.flops[i], _bytes_moved(n, last, i))
+            for i, n in enumerate(nodes)
+        ]
+    else:
+        times = [statistics.median(r.times[i] for r in runs) for i in range(len(nodes))]
+    storage_of_node = {n.name: last.node_storages[i] for i, n in enumerate(nodes)}
+    forward_mutated: set[str] = set()
+    records = []
+    for i, n in enumerate(nodes):
+        region: Region = n.meta[REGION_KEY]
+        mutates = tuple(dict.fromkeys(s for a in mutated_args(n) for s in storage_of_node[a.name]))
+        op = _target_name(n)
+        replay = DROP_RUNNING_STATS if (op in BATCH_NORM_OPS and mutates) else ""
+        recomputable = n.op == "call_function" and (not mutates or bool(replay))
+        if region != Region.OPTIMIZER:
+            forward_mutated.update(mutates)
+        inputs = tuple(dict.fromkeys(a.name for a in n.all_input_nodes))
+        records.append(
+            NodeRecord(
+                name=n.name,
+                op=op,
+                region=region,
+                inputs=inputs,
+                storages=last.node_storages[i],
+                allocates=last.node_allocates[i],
+                time_s=times[i],
+                random=is_random(n),
+                mutates=mutates,
+                recomputable=recomputable,
+                replay=replay,
+            )
+        )
+    roles = _placeholder_roles(traced, nodes, last)
+    storages = tuple(
+        StorageRecord(name=s, bytes=b, node=last.storage_node[s], role=roles.get(s, Role.OTHER))
+        for s, b in last.storage_bytes.items()
+    )
+    meta = ProfileMeta(
+        model=model_name,
+        batch_size=traced.batch_size,
+        device=str(device),
+        torch_version=torch.__version__,
+        estimated_times=fake,
+        time_estimator=(
+            f"roofline: max(flops / {ESTIMATOR_FLOPS:.0e} FLOP/s, bytes / {ESTIMATOR_BYTES:.0e} B/s) "
+            f"+ {ESTIMATOR_OVERHEAD_S:.0e} s"
+            if fake
+            else ""
+        ),
+        iterations=0 if fake else iterations,
+    )
+    bare = Profile(nodes=tuple(records), storages=storages, timeline=tuple(last.timeline), peak_bytes=max(last.timeline), meta=meta)
+    return _with_activations(bare)
+
+
+def _bytes_moved(node: fx.Node, run: _Run, i: int) -> float:
+    """Bytes a node reads and writes, for the estimator: its inputs' and outputs' storages."""
+    names = set(run.node_allocates[i])
+    for a in node.all_input_nodes:
+        names.update(run.node_storages[_index_cache(node.graph)[a]])
+    return float(sum(run.storage_bytes[s] for s in names))
+
+
+_INDEX: dict[int, dict[fx.Node, int]] = {}
+
+
+def _index_cache(graph: fx.Graph) -> dict[fx.Node, int]:
+    key = id(graph)
+    if key not in _INDEX or len(_INDEX[key]) != len(graph.nodes):
+        _INDEX[key] = {n: i for i, n in enumerate(graph.nodes)}
+    return _INDEX[key]
+
+
+def _placeholder_roles(traced: TracedStep, nodes, run: _Run) -> dict[str, Role]:
+    roles: dict[str, Role] = {}
+    placeholders = [i for i, n in enumerate(nodes) if n.op == PLACEHOLDER]
+    for i, spec in zip(placeholders, traced.input_specs):
+        for s in run.node_allocates[i]:
+            roles[s] = spec.role
+    return roles
+
+
+def _with_activations(profile: Profile) -> Profile:
+    """Add roles of computed storages and one ActivationRecord per activation."""
+    model = MemoryModel(profile)
+    index = profile.node_index
+    nodes = profile.nodes
+    candidates = set(model.candidates)
+    acts = []
+    activation_set = set(model.activation_storages)
+    for a in model.activation_storages:
+        st = profile.storage_by_name[a]
+        aliases = model.aliases[a]
+        later = [index[u] for v in aliases for u in model.later_users.get(v, ())]
+        forward_uses = [
+            index[u] for v in aliases for u in profile.users[v] if nodes[index[u]].region == Region.FORWARD
+        ]
+        created = index[st.node]
+        last_fw = max(forward_uses, default=created)
+        first_bw, last_bw = min(later), max(later)
+        try:
+            block = model.block(a, frozenset({a}))
+            recomp, sources = block.time_s, block.sources
+        except InvalidPlan:
+            recomp, sources = 0.0, ()
+        acts.append(
+            ActivationRecord(
+                name=a,
+                node=st.node,
+                bytes=st.bytes,
+                creation_rank=created,
+                last_fw_use_rank=last_fw,
+                first_bw_use_rank=first_bw,
+                last_bw_use_rank=last_bw,
+                inactive_time_s=sum(n.time_s for n in nodes[last_fw + 1 : first_bw]),
+                recomp_time_s=recomp,
+                sources=tuple(sources),
+                recomputable=a in candidates,
+            )
+        )
+    storages = []
+    for s in profile.storages:
+        role = s.role
+        if role == Role.OTHER:
+            if s.name in activation_set:
+                role = Role.ACTIVATION
+            elif nodes[index[s.node]].region == Region.BACKWARD and _read_after_backward(profile, model, s.name):
+                role = Role.GRADIENT
+        storages.append(dataclasses.replace(s, role=role))
+    return dataclasses.replace(profile, storages=tuple(storages), activations=tuple(acts))
+
+
+def _read_after_backward(profile: Profile, model: MemoryModel, storage: str) -> bool:
+    for v in model.aliases[storage]:
+        for u in profile.users[v]:
+            if profile.node_by_name[u].region == Region.OPTIMIZER:
+                return True
+    return False
