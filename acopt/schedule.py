@@ -261,7 +261,8 @@ class MemoryModel:
         rebuilt: dict[str, str] = {}
         for b in blocks:
             for v in self.aliases[b.activation]:
-                rebuilt[v] = b.activation
+                if self._nodes[v].region == Region.FORWARD:
+                    rebuilt[v] = b.activation
         steps: list[Step] = []
         bi = 0
         for i, n in enumerate(self.profile.nodes):

@@ -245,6 +245,7 @@ def _name_placeholders(gm: fx.GraphModule, specs: Sequence[InputSpec]) -> None:
     for node, spec in zip(placeholders, specs, strict=True):
         key = spec.key.replace("[", "_").replace("]", "")
         node._rename(prefix[spec.role] + "".join(c if c.isalnum() else "_" for c in key))
+        node.target = node.name
     gm.recompile()
 
 

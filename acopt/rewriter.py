@@ -1,0 +1,188 @@
+"""Rewrite a traced step so that it runs a plan: an fx pass.
+
+``acopt.rewrite(traced, plan)`` emits :meth:`MemoryModel.schedule` node for
+node (docs/memory-model.md, rule 4): the forward graph unchanged, a labelled
+recompute block just before each recomputed activation's first backward use,
+and every later use rewired to the rebuilt value, so the forward value dies
+after its last forward use. The simulator measures the same schedule, which
+is why the rewritten step's measured peak equals the simulated one.
+
+Rules the pass keeps (checked after it runs):
+
+1. No side effect is repeated: batch norm replays without its running
+   statistics (a training-mode batch norm does not read them); any other
+   op that writes in place is never replayed (the memory model refuses it).
+2. Random ops draw the same numbers: the generator state is saved just before
+   the forward run and restored around the replay (:mod:`acopt.rng`).
+3. No node outside the forward region reads a forward value of a recomputed
+   activation.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import torch
+import torch.fx as fx
+
+from acopt import rng
+from acopt.records import Profile, Region
+from acopt.schedule import InvalidPlan, MemoryModel, Schedule
+from acopt.tracer import REGION_KEY, TracedStep
+
+BLOCK_KEY = "acopt_block"
+_graph_ids = itertools.count(1)
+
+
+class RewriteError(RuntimeError):
+    """The rewrite could not keep the step's meaning; names the offending node."""
+
+
+def rewrite(traced: TracedStep, plan, *, profile: Profile | None = None) -> TracedStep:
+    """A new :class:`TracedStep` that recomputes ``plan``'s activations.
+
+    ``plan`` is a :class:`~acopt.planning.Plan` or an iterable of activation
+    names. ``profile`` is the profile the plan was made from; without it, a
+    fake-tensor profile of ``traced`` gives the graph's storages (exact, cheap).
+    """
+    start = time.perf_counter()
+    recompute = frozenset(getattr(plan, "recompute", plan))
+    if profile is None:
+        profile = structure_profile(traced)
+    _check_matches(traced, profile)
+    model = MemoryModel(profile)
+    try:
+        schedule = model.schedule(recompute)
+    except InvalidPlan as e:
+        raise InvalidPlan(f"plan does not fit this traced step: {e}") from e
+    gm = _emit(traced.graph_module, profile, schedule)
+    _check_rewired(gm, schedule, model)
+    return traced.with_graph(
+        gm,
+        stage="rewrite",
+        recompute=sorted(recompute),
+        blocks=len(schedule.blocks),
+        replayed_nodes=sum(len(b.nodes) for b in schedule.blocks),
+        rewrite_time_s=time.perf_counter() - start,
+    )
+
+
+def structure_profile(traced: TracedStep) -> Profile:
+    """A fake-tensor profile of ``traced``: exact storages, estimated times."""
+    from acopt.profiler import profile as _profile
+
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        batch = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype, device in traced._batch_meta]
+    del mode
+    return _profile(traced, *batch, fake=True)
+
+
+def _check_matches(traced: TracedStep, profile: Profile) -> None:
+    names = [n.name for n in traced.graph.nodes]
+    if names != [n.name for n in profile.nodes]:
+        raise InvalidPlan(
+            "the profile was not made from this traced step (node names differ); "
+            "profile the step you rewrite"
+        )
+
+
+def _emit(src: fx.GraphModule, profile: Profile, schedule: Schedule) -> fx.GraphModule:
+    nodes = {n.name: n for n in src.graph.nodes}
+    graph = fx.Graph()
+    env: dict[tuple[str, str | None], fx.Node] = {}
+    gid = next(_graph_ids)
+    replayed_random = {v for b in schedule.blocks for v in b.nodes if profile.node_by_name[v].random}
+    records = profile.node_by_name
+    output = None
+
+    def helper(fn, name: str, region: Region, *args) -> None:
+        n = graph.create_node("call_function", fn, (gid, name, *args), name=f"rng_{fn.__name__}__{name}")
+        n.meta[REGION_KEY] = region
+
+    for step in schedule.steps:
+        old = nodes[step.node]
+        reads = dict(step.reads)
+        record = records[step.node]
+
+        def arg(x: fx.Node) -> fx.Node:
+            try:
+                return env[(x.name, reads[x.name])]
+            except KeyError as e:
+                raise RewriteError(f"no value for {x.name!r} when emitting {old.format_node()}") from e
+
+        if step.block is None:
+            if step.node in replayed_random:
+                helper(rng.save, step.node, old.meta[REGION_KEY], _device_of(old))
+            new = graph.node_copy(old, arg)
+            if new.name != old.name:  # pragma: no cover - names are reserved by order
+                raise RewriteError(f"node {old.name!r} was renamed {new.name!r}")
+            if old.op == "output":
+                output = new
+        else:
+            if record.random:
+                helper(rng.replay_begin, step.node, Region.BACKWARD, _device_of(old))
+            args = fx.node.map_arg(old.args, arg)
+            if record.replay == "drop_running_stats":
+                args = (*args[:3], None, None, *args[5:])
+            new = graph.create_node(
+                old.op,
+                old.target,
+                args,
+                fx.node.map_arg(old.kwargs, arg),
+                name=f"rc_{step.node}__for__{step.block}",
+                type_expr=old.type,
+            )
+            new.meta = {**old.meta, REGION_KEY: Region.BACKWARD, BLOCK_KEY: step.block}
+            if record.random:
+                helper(rng.replay_end, step.node, Region.BACKWARD, _device_of(old))
+        env[step.value] = new
+    if output is None:  # pragma: no cover - every traced graph has an output
+        raise RewriteError("the traced graph has no output node")
+    if replayed_random:
+        with graph.inserting_before(output):
+            n = graph.create_node("call_function", rng.forget, (gid,), name="rng_forget")
+            n.meta[REGION_KEY] = Region.OPTIMIZER
+    graph.lint()
+    return fx.GraphModule(src, graph)
+
+
+def _device_of(node: fx.Node) -> str:
+    val = node.meta.get("val")
+    vals = val if isinstance(val, (tuple, list)) else [val]
+    for v in vals:
+        if isinstance(v, torch.Tensor):
+            return str(v.device)
+    for a in node.all_input_nodes:
+        v = a.meta.get("val")
+        if isinstance(v, torch.Tensor):
+            return str(v.device)
+    return "cpu"
+
+
+def _check_rewired(gm: fx.GraphModule, schedule: Schedule, model: MemoryModel) -> None:
+    """Postcondition: nothing after the forward reads a dropped forward value."""
+    regions = model.profile.node_by_name
+    dropped = {
+        v
+        for b in schedule.blocks
+        for v in model.aliases[b.activation]
+        if regions[v].region == Region.FORWARD
+    }
+    for n in gm.graph.nodes:
+        if n.meta.get(REGION_KEY) == Region.FORWARD or BLOCK_KEY in n.meta:
+            continue
+        for a in n.all_input_nodes:
+            if a.name in dropped and BLOCK_KEY not in a.meta:
+                raise RewriteError(
+                    f"{n.format_node()} reads the forward value {a.name!r} of a recomputed activation"
+                )
+
+
+def recompute_blocks(traced: TracedStep) -> dict[str, list[str]]:
+    """Activation -> names of the replayed nodes in its block, from a rewritten step."""
+    out: dict[str, list[str]] = {}
+    for n in traced.graph.nodes:
+        if BLOCK_KEY in n.meta:
+            out.setdefault(n.meta[BLOCK_KEY], []).append(n.name)
+    return out
