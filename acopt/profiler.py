@@ -143,7 +143,9 @@ class StepInterpreter:
             if self.nodes[i].op != OUTPUT:
                 self.frees[i].append(n)
 
-    def run(self, inputs: list[Any], *, record: bool = True, timer: Callable[[], float] | None = None) -> tuple[Any, _Run]:
+    def run(self, inputs: list[Any], *, record: bool = True, annotate: bool = False) -> tuple[Any, _Run]:
+        """One pass over the graph. ``annotate`` wraps each node in a profiler
+        range ``acopt::{index}`` (for :func:`measure_temp_bytes`) instead of timing it."""
         env: dict[fx.Node, Any] = {}
         storage_name = _storage_names(self.nodes)
         live: dict[int, list] = {}  # storage key -> [name, bytes, refs]
@@ -171,6 +173,10 @@ class StepInterpreter:
                     with FlopCounterMode(display=False) as fc:
                         value = node.target(*args, **kwargs)
                     flops = float(fc.get_total_flops())
+                    elapsed = 0.0
+                elif annotate:
+                    with torch.profiler.record_function(f"acopt::{i}"):
+                        value = node.target(*args, **kwargs)
                     elapsed = 0.0
                 else:
                     if sync:
@@ -217,6 +223,76 @@ class StepInterpreter:
                         live_bytes -= entry[1]
                         del live[key]
         return out_value, run
+
+
+def measure_temp_bytes(interp: StepInterpreter, inputs: list[Any]) -> list[int]:
+    """Per node, the bytes an op allocates and frees inside itself (workspace).
+
+    Read from the allocator: CUDA's peak counter around each node, or on CPU
+    the allocation events of torch.profiler inside each node's range.
+    """
+    n = len(interp.nodes)
+    if interp.device.type == "cuda":
+        return _cuda_temp_bytes(interp, inputs)
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        _, run = interp.run(inputs, annotate=True)
+    temps = [0] * n
+
+    def allocations(event, out):
+        for c in event.children:
+            if c.tag == _EventType.Allocation:
+                out.append((c.start_time_ns, c.extra_fields.alloc_size))
+            else:
+                allocations(c, out)
+
+    def visit(events):
+        for e in events:
+            if e.name.startswith("acopt::"):
+                i = int(e.name.split("::", 1)[1])
+                sizes: list[tuple[int, int]] = []
+                allocations(e, sizes)
+                current = peak = 0
+                for _, size in sorted(sizes):
+                    current += size
+                    peak = max(peak, current)
+                made = sum(run.storage_bytes[s] for s in run.node_allocates[i])
+                temps[i] = max(0, peak - made)
+            else:
+                visit(e.children)
+
+    visit(prof.profiler.kineto_results.experimental_event_tree())
+    return temps
+
+
+def _cuda_temp_bytes(interp: StepInterpreter, inputs: list[Any]) -> list[int]:
+    temps = []
+    nodes = interp.nodes
+    env: dict[fx.Node, Any] = {}
+    it = iter(inputs)
+    for i, node in enumerate(nodes):
+        if node.op == PLACEHOLDER:
+            env[node] = next(it)
+            temps.append(0)
+            continue
+        if node.op == OUTPUT:
+            temps.append(0)
+            break
+        args = fx.node.map_arg(node.args, env.__getitem__)
+        kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        env[node] = node.target(*args, **kwargs)
+        torch.cuda.synchronize()
+        after = torch.cuda.memory_allocated()
+        temps.append(max(0, torch.cuda.max_memory_allocated() - max(before, after)))
+        for dead in interp.frees[i]:
+            del env[dead]
+    return temps
 
 
 def _storage_names(nodes: list[fx.Node]) -> Callable[[fx.Node, int], str]:
@@ -271,6 +347,7 @@ def profile(
                 fake_inputs = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in inputs]
                 _, run = interp.run(fake_inputs)
             runs = [run]
+            temps = [0] * len(interp.nodes)  # workspace is not visible without kernels
         else:
             copies = [t.detach().clone() if isinstance(t, torch.Tensor) else t for t in inputs]
             runs = []
@@ -282,9 +359,12 @@ def profile(
                     if it >= warmup:
                         runs.append(run)
                     bar(it + 1)
+                temps = measure_temp_bytes(interp, copies)
     finally:
         rng.restore()
-    return _build_profile(traced, interp, runs, fake=fake, device=device, model_name=model_name, iterations=iterations)
+    return _build_profile(
+        traced, interp, runs, temps, fake=fake, device=device, model_name=model_name, iterations=iterations
+    )
 
 
 def _progress(total: int, enabled: bool, label: str) -> Callable[[int], None]:
@@ -320,7 +400,7 @@ class _RngState:
             torch.cuda.set_rng_state(self.cuda)
 
 
-def _build_profile(traced, interp, runs, *, fake, device, model_name, iterations) -> Profile:
+def _build_profile(traced, interp, runs, temps, *, fake, device, model_name, iterations) -> Profile:
     nodes = interp.nodes
     last = runs[-1]
     for r in runs[:-1]:  # storage accounting must not change between iterations
@@ -358,6 +438,7 @@ def _build_profile(traced, interp, runs, *, fake, device, model_name, iterations
                 mutates=mutates,
                 recomputable=recomputable,
                 replay=replay,
+                temp_bytes=temps[i],
             )
         )
     roles = _placeholder_roles(traced, nodes, last)
@@ -379,7 +460,8 @@ def _build_profile(traced, interp, runs, *, fake, device, model_name, iterations
         ),
         iterations=0 if fake else iterations,
     )
-    bare = Profile(nodes=tuple(records), storages=storages, timeline=tuple(last.timeline), peak_bytes=max(last.timeline), meta=meta)
+    timeline = tuple(b + t for b, t in zip(last.timeline, temps))
+    bare = Profile(nodes=tuple(records), storages=storages, timeline=timeline, peak_bytes=max(timeline), meta=meta)
     return _with_activations(bare)
 
 
@@ -421,7 +503,9 @@ def _with_activations(profile: Profile) -> Profile:
     for a in model.activation_storages:
         st = profile.storage_by_name[a]
         aliases = model.aliases[a]
-        later = [index[u] for v in aliases for u in model.later_users.get(v, ())]
+        later = [
+            index[u] for v in aliases for u in profile.users[v] if nodes[index[u]].region != Region.FORWARD
+        ]
         forward_uses = [
             index[u] for v in aliases for u in profile.users[v] if nodes[index[u]].region == Region.FORWARD
         ]

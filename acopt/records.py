@@ -57,6 +57,8 @@ class NodeRecord:
     values this node reads, once each, in order of first appearance.
     ``replay`` names how a recompute block replays the node when it is not a
     plain re-execution (``"drop_running_stats"`` for batch norm), else ``""``.
+    ``temp_bytes`` is workspace the op allocates and frees inside itself: it
+    counts only while the node runs (memory model, rule 1).
     """
 
     name: str
@@ -70,6 +72,7 @@ class NodeRecord:
     mutates: tuple[str, ...] = ()
     recomputable: bool = True
     replay: str = ""
+    temp_bytes: int = 0
 
     @property
     def is_placeholder(self) -> bool:
