@@ -295,6 +295,48 @@ def _cuda_temp_bytes(interp: StepInterpreter, inputs: list[Any]) -> list[int]:
     return temps
 
 
+def allocator_peak_bytes(traced: TracedStep, *batch: torch.Tensor) -> int:
+    """Peak bytes the allocator holds while one step of ``traced`` runs on copies
+    of its inputs (inputs included): CUDA's peak counter, or on CPU the sum of
+    torch.profiler's allocation events. The cross-check for storage accounting."""
+    inputs = [t.detach().clone() for t in traced.flat_inputs(*batch)]
+    device = inputs[0].device if inputs else torch.device("cpu")
+    interp = StepInterpreter(traced.graph_module, device=device)
+    rng = _RngState.capture(device)
+    try:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            with torch.no_grad():
+                out, _ = interp.run(inputs, record=False)
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated()
+        from torch._C._profiler import _EventType
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        base = sum(t.untyped_storage().nbytes() for t in {_storage_key(t): t for t in inputs}.values())
+        with torch.no_grad(), torch_profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            out, _ = interp.run(inputs, record=False)
+            del out
+        sizes: list[tuple[int, int]] = []
+
+        def walk(events):
+            for e in events:
+                if e.tag == _EventType.Allocation:
+                    sizes.append((e.start_time_ns, e.extra_fields.alloc_size))
+                walk(e.children)
+
+        walk(prof.profiler.kineto_results.experimental_event_tree())
+        current = peak = 0
+        for _, size in sorted(sizes):
+            current += size
+            peak = max(peak, current)
+        return base + peak
+    finally:
+        rng.restore()
+
+
 def _storage_names(nodes: list[fx.Node]) -> Callable[[fx.Node, int], str]:
     """Name a new storage after the node that makes it (or its getitem, for tuples)."""
     getitem_names: dict[tuple[str, int], str] = {}

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import acopt
 from acopt.exports import write_profile_csvs
-from acopt.profiler import StepInterpreter
+from acopt.profiler import allocator_peak_bytes
 from acopt.records import Region, Role
 
 F32 = 4
@@ -109,40 +109,12 @@ def _ce_step(model, optimizer, x, y):
     return loss.detach()
 
 
-def _allocator_peak(step, batch) -> int:
-    """Peak bytes seen by the CPU allocator (torch.profiler allocation events)."""
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
-    inputs = [t.detach().clone() for t in step.flat_inputs(*batch)]
-    base = sum(t.untyped_storage().nbytes() for t in inputs)
-    interp = StepInterpreter(step.graph_module, device=torch.device("cpu"))
-    with torch.no_grad(), torch_profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out, _ = interp.run(inputs)
-        del out
-    sizes = []
-
-    def walk(nodes):
-        for n in nodes:
-            if n.tag == _EventType.Allocation:
-                sizes.append((n.start_time_ns, n.extra_fields.alloc_size))
-            walk(n.children)
-
-    walk(prof.profiler.kineto_results.experimental_event_tree())
-    current = peak = 0
-    for _, size in sorted(sizes):
-        current += size
-        peak = max(peak, current)
-    return base + peak
-
-
 def test_storage_accounting_matches_the_allocator():
     model, optimizer = _cnn()
     batch = (torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,)))
     step = acopt.trace(_ce_step, model, optimizer, *batch)
     prof = acopt.profile(step, *batch, warmup=1, iterations=1)
-    allocator = _allocator_peak(step, batch)
+    allocator = allocator_peak_bytes(step, *batch)
     assert abs(allocator - prof.peak_bytes) <= 0.01 * prof.peak_bytes
 
 

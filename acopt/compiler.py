@@ -1,0 +1,168 @@
+"""``acopt.compile``: trace, profile, plan and rewrite in one call.
+
+>>> step = acopt.compile(train_step, model, optimizer, x, y, budget="70%")  # doctest: +SKIP
+>>> for x, y in loader:                                                     # doctest: +SKIP
+...     loss = step(x, y)
+>>> print(step.report())                                                    # doctest: +SKIP
+
+A batch of a new shape (or dtype, or device) is traced and planned again with
+the same budget and solver; each shape's plan is kept, so alternating shapes
+cost one plan each. A budget given in bytes must fit every shape; a "70%"
+budget is relative to each shape's own peak.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from acopt.planning import Plan, plan
+from acopt.profiler import profile
+from acopt.records import Profile
+from acopt.rewriter import rewrite
+from acopt.simulator import simulate
+from acopt.tracer import TracedStep, trace
+from acopt.units import format_bytes
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Report:
+    """What compiling one batch shape did, and what it predicts."""
+
+    batch_shapes: tuple[tuple[int, ...], ...]
+    peak_before_bytes: int
+    peak_after_bytes: int
+    budget_bytes: int
+    step_time_s: float
+    recompute_time_s: float
+    recomputed: int
+    activations: int
+    solver: str
+    status: str
+    compile_time_s: float
+
+    @property
+    def overhead(self) -> float:
+        """Predicted step-time overhead of recomputation (fraction of the step)."""
+        return self.recompute_time_s / self.step_time_s if self.step_time_s else 0.0
+
+    def __str__(self) -> str:
+        return (
+            f"acopt: peak {format_bytes(self.peak_before_bytes)} -> {format_bytes(self.peak_after_bytes)} "
+            f"(budget {format_bytes(self.budget_bytes)}), recomputing {self.recomputed}/{self.activations} "
+            f"activations, predicted overhead {self.overhead:.1%} "
+            f"({self.recompute_time_s * 1e3:.2f} ms of {self.step_time_s * 1e3:.2f} ms), "
+            f"solver {self.solver} ({self.status}), compiled in {self.compile_time_s:.1f} s"
+        )
+
+
+@dataclasses.dataclass(slots=True)
+class _Compiled:
+    traced: TracedStep
+    profile: Profile
+    plan: Plan
+    step: TracedStep
+    report: Report
+
+
+class CompiledStep:
+    """A training step that runs within a memory budget; call it like ``train_step``
+    without the model and optimizer: ``loss = step(*batch)``."""
+
+    def __init__(self, train_step, model, optimizer, *, budget, solver: str, options: dict[str, Any], warmup: int, iterations: int):
+        self._train_step = train_step
+        self.model = model
+        self.optimizer = optimizer
+        self.budget = budget
+        self.solver = solver
+        self.options = options
+        self._warmup = warmup
+        self._iterations = iterations
+        self._compiled: dict[tuple, _Compiled] = {}
+        self._last: _Compiled | None = None
+
+    def __call__(self, *batch: torch.Tensor) -> torch.Tensor:
+        compiled = self._compiled.get(_signature(batch)) or self._compile(batch)
+        self._last = compiled
+        return compiled.step(*batch)
+
+    def _compile(self, batch) -> _Compiled:
+        start = time.perf_counter()
+        traced = trace(self._train_step, self.model, self.optimizer, *batch)
+        prof = profile(traced, *batch, warmup=self._warmup, iterations=self._iterations)
+        chosen = plan(prof, budget=self.budget, solver=self.solver, **self.options)
+        step = rewrite(traced, chosen, profile=prof)
+        sim = simulate(prof, chosen)
+        report = Report(
+            batch_shapes=tuple(tuple(b.shape) for b in batch),
+            peak_before_bytes=prof.peak_bytes,
+            peak_after_bytes=sim.peak_bytes,
+            budget_bytes=chosen.budget_bytes,
+            step_time_s=prof.total_time_s,
+            recompute_time_s=sim.recompute_time_s,
+            recomputed=len(chosen.recompute),
+            activations=len(prof.activations),
+            solver=chosen.solver,
+            status=chosen.status.value,
+            compile_time_s=time.perf_counter() - start,
+        )
+        compiled = _Compiled(traced, prof, chosen, step, report)
+        self._compiled[_signature(batch)] = compiled
+        return compiled
+
+    def compile_for(self, *batch: torch.Tensor) -> CompiledStep:
+        """Trace and plan for ``batch`` now (without running a step)."""
+        if _signature(batch) not in self._compiled:
+            self._last = self._compile(batch)
+        return self
+
+    def _current(self) -> _Compiled:
+        if self._last is None:
+            raise RuntimeError("nothing compiled yet: call the step once")
+        return self._last
+
+    def report(self) -> Report:
+        return self._current().report
+
+    @property
+    def plan(self) -> Plan:
+        return self._current().plan
+
+    @property
+    def profile(self) -> Profile:
+        return self._current().profile
+
+    @property
+    def traced(self) -> TracedStep:
+        """The rewritten step that runs (its ``print_readable()`` shows the blocks)."""
+        return self._current().step
+
+
+def _signature(batch) -> tuple:
+    return tuple((tuple(b.shape), b.dtype, str(b.device)) for b in batch)
+
+
+def compile(
+    train_step: Callable[..., Any],
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *batch: torch.Tensor,
+    budget: int | str,
+    solver: str = "greedy",
+    warmup: int = 1,
+    iterations: int = 3,
+    **options: Any,
+) -> CompiledStep:
+    """Trace, profile, plan and rewrite ``train_step`` for ``batch``'s shape.
+
+    ``options`` go to the planner (e.g. ``time_limit_s=30`` for ``ilp``).
+    Raises :class:`acopt.InfeasibleBudget` if the budget is below the floor.
+    """
+    step = CompiledStep(
+        train_step, model, optimizer, budget=budget, solver=solver, options=options, warmup=warmup, iterations=iterations
+    )
+    return step.compile_for(*batch)
