@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import operator
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -212,6 +213,7 @@ def trace(
     gm, state_slots, grad_params, marks = traced
     _tag_regions(gm, marks)
     _drop_noise(gm)
+    _outplace_forward_mutations(gm)
     step = TracedStep(
         graph_module=gm,
         model=model,
@@ -497,7 +499,7 @@ def _is_pure(node: fx.Node) -> bool:
     target = node.target
     if node.op != "call_function":
         return False
-    if target is __import__("operator").getitem:
+    if target is operator.getitem:
         return True
     if isinstance(target, torch._ops.OpOverload):
         schema = target._schema
@@ -505,6 +507,74 @@ def _is_pure(node: fx.Node) -> bool:
             return False
         return not any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
     return False
+
+
+def _returns_alias(node: fx.Node) -> bool:
+    """Whether ``node``'s value may share storage with one of its inputs."""
+    t = node.target
+    if t is operator.getitem:  # an element of a tuple: fresh if the op's outputs are
+        src = node.args[0]
+        return not isinstance(src, fx.Node) or _returns_alias(src)
+    if not isinstance(t, torch._ops.OpOverload):
+        return True
+    return any(r.alias_info is not None for r in t._schema.returns)
+
+
+def _functional_variant(target: torch._ops.OpOverload):
+    packet = target._schema.name.split("::")[1]
+    if not packet.endswith("_") or packet.startswith("_"):
+        return None
+    functional = getattr(torch.ops.aten, packet[:-1], None)
+    overload = target._overloadname
+    return getattr(functional, overload, None) if functional is not None else None
+
+
+def _outplace_forward_mutations(gm: fx.GraphModule) -> None:
+    """Turn forward in-place ops on fresh forward temporaries into their
+    out-of-place forms (``hidden += residual`` -> ``add``), where nothing reads
+    the old value afterwards. Same numbers; the result becomes a value of its
+    own, so the memory model can recompute what depends on it. Random ops are
+    left alone (their generator use must not change).
+    """
+    nodes = list(gm.graph.nodes)
+    index = {n: i for i, n in enumerate(nodes)}
+    changed = False
+    for n in nodes:
+        if n.op != "call_function" or n.meta.get(REGION_KEY) != Region.FORWARD:
+            continue
+        t = n.target
+        if not isinstance(t, torch._ops.OpOverload) or torch.Tag.nondeterministic_seeded in t.tags:
+            continue
+        schema = t._schema
+        if not schema.arguments or schema.arguments[0].alias_info is None or not schema.arguments[0].alias_info.is_write:
+            continue
+        if any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments[1:]):
+            continue
+        x = n.args[0] if n.args else None
+        if not isinstance(x, fx.Node) or x.op != "call_function" or x.meta.get(REGION_KEY) != Region.FORWARD:
+            continue
+        if _returns_alias(x) or torch.Tag.nondeterministic_seeded in getattr(x.target, "tags", ()):
+            continue
+        functional = _functional_variant(t)
+        if functional is None:
+            continue
+        # Everything that aliases x must be done with it by the time n runs.
+        aliases, stack = set(), [x]
+        while stack:
+            a = stack.pop()
+            if a in aliases:
+                continue
+            aliases.add(a)
+            stack.extend(u for u in a.users if u is not n and _returns_alias(u) and u.args and u.args[0] is a)
+            if a.target is operator.getitem:  # the tuple holds the storage too
+                stack.append(a.args[0])
+        if any(index[u] > index[n] for a in aliases for u in a.users if u is not n):
+            continue
+        n.target = functional
+        changed = True
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
 
 
 def _drop_noise(gm: fx.GraphModule) -> None:
