@@ -1,0 +1,311 @@
+"""The simulator: the one source of truth for a plan's memory and recompute time.
+
+``simulate(profile, plan)`` runs :meth:`MemoryModel.schedule` (the node order
+the rewriter emits) through the storage accounting of docs/memory-model.md and
+returns a :class:`Simulation`: the live bytes during every step, the peak and
+where it sits, the recompute time, and a labelled event log.
+
+>>> sim = simulate(profile, {"relu_1"})        # doctest: +SKIP
+>>> sim.peak_bytes, sim.peak_node, sim.peak_region.value   # doctest: +SKIP
+(3276800, 'addmm_2', 'backward')
+>>> print(*sim.events, sep="\\n")              # doctest: +SKIP
+free relu_1 after its last forward use (addmm_1)
+recompute block for relu_1: 2 nodes, 0.80 ms, before threshold_backward
+peak 3.12 MiB at addmm_2 (backward)
+
+Counting rules (docs/memory-model.md, "How the simulator counts"):
+
+* A *value instance* is ``(node, block)``; a *storage instance* is
+  ``(storage, block)``. ``block`` is ``None`` for the original graph, or the
+  activation whose recompute block replays the node.
+* A storage instance is created at the step whose node lists the storage in
+  ``allocates`` (a replayed node allocates fresh instances in its block). A
+  value instance refers to ``(s, block)`` for each ``s`` in its node's
+  ``storages`` that its own block created, else to the original ``(s, None)``.
+* A value instance lives from its step to the last step that reads it (its
+  own step if none does); placeholders and values read by the output node
+  live to the last step.
+* A storage instance lives from its creating step to the last step at which a
+  value instance referring to it lives. Live bytes at step ``t`` = bytes of the
+  storage instances alive at ``t`` + the node's ``temp_bytes``.
+
+Cost: O(steps + reads + storage references) with dicts and lists; the
+:class:`MemoryModel` of a profile is built once and cached (:func:`memory_model`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import weakref
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import Any
+
+from acopt.records import Profile, Region
+from acopt.schedule import MemoryModel, Schedule
+from acopt.units import format_bytes
+
+ValueRef = tuple[str, str | None]
+StorageRef = tuple[str, str | None]
+
+
+class EventKind(str, enum.Enum):
+    """What an :class:`Event` records."""
+
+    FREE = "free"  # a recomputed activation's forward copy is freed
+    RECOMPUTE = "recompute"  # a recompute block starts
+    PEAK = "peak"  # the step where live bytes peak
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Event:
+    """One labelled entry of a simulation's event log (``str(event)`` is the label)."""
+
+    step: int
+    kind: EventKind
+    node: str
+    block: str | None = None
+    bytes: int = 0
+    time_s: float = 0.0
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Simulation:
+    """A plan's schedule with its exact live-bytes timeline (memory model, rule 5).
+
+    ``timeline[t]`` is the live bytes during step ``t`` of ``schedule.steps``
+    (whose node and block are ``step_nodes[t]``). ``peak_step`` is the first
+    step where the timeline reaches ``peak_bytes``; ``peak_region`` is that
+    node's region, or for a replayed node the region of the node its block
+    runs before. ``peak_live`` names the storage instances alive at the peak.
+    """
+
+    recompute: frozenset[str]
+    peak_bytes: int
+    peak_step: int
+    peak_node: str
+    peak_region: Region
+    timeline: tuple[int, ...]
+    step_nodes: tuple[ValueRef, ...]
+    recompute_time_s: float
+    schedule: Schedule
+    peak_live: tuple[StorageRef, ...]
+    events: tuple[Event, ...]
+
+    @property
+    def peak_block(self) -> str | None:
+        """The recompute block running at the peak, or ``None`` for an original node."""
+        return self.step_nodes[self.peak_step][1]
+
+
+# ---- per-profile cache --------------------------------------------------------
+class _Facts:
+    """What the simulator and planners reuse across calls for one profile."""
+
+    __slots__ = ("model", "sims", "fingerprint", "__weakref__")
+
+    def __init__(self, profile: Profile):
+        self.model = MemoryModel(profile)
+        self.sims: OrderedDict[frozenset[str], Simulation] = OrderedDict()
+        self.fingerprint: str | None = None
+
+
+_FACTS: dict[int, tuple[weakref.ref, _Facts]] = {}
+_SIM_CACHE_SIZE = 8
+
+
+def _facts(profile: Profile) -> _Facts:
+    key = id(profile)
+    hit = _FACTS.get(key)
+    if hit is not None and hit[0]() is profile:
+        return hit[1]
+    facts = _Facts(profile)
+    _FACTS[key] = (weakref.ref(profile, lambda _, key=key: _FACTS.pop(key, None)), facts)
+    return facts
+
+
+def memory_model(profile: Profile) -> MemoryModel:
+    """The profile's :class:`MemoryModel`, built once per profile object and cached
+    (its candidates and aliases are costly on big graphs)."""
+    return _facts(profile).model
+
+
+def as_recompute(plan_or_recompute: Any) -> frozenset[str]:
+    """The activation names of a :class:`~acopt.planning.Plan` or of an iterable of names."""
+    names = getattr(plan_or_recompute, "recompute", plan_or_recompute)
+    if isinstance(names, str):
+        raise TypeError(f"expected a Plan or a collection of activation names, not the string {names!r}")
+    if names is None:
+        return frozenset()
+    return frozenset(names)
+
+
+# ---- simulation -----------------------------------------------------------------
+def simulate(profile: Profile, plan_or_recompute: Any = ()) -> Simulation:
+    """Simulate ``plan_or_recompute`` (a Plan, or activation names) on ``profile``.
+
+    Raises :class:`~acopt.schedule.InvalidPlan` if the plan names something that
+    is not a recomputable activation, and ``ValueError`` if a Plan was made for
+    another profile (its ``profile_id`` differs).
+    """
+    recompute = as_recompute(plan_or_recompute)
+    facts = _facts(profile)
+    profile_id = getattr(plan_or_recompute, "profile_id", None)
+    if profile_id:
+        from acopt.planning import profile_fingerprint
+
+        if profile_id != profile_fingerprint(profile):
+            raise ValueError(
+                f"this plan was made for another profile (profile_id {profile_id!r}, "
+                f"this profile's is {profile_fingerprint(profile)!r})"
+            )
+    hit = facts.sims.get(recompute)
+    if hit is not None:
+        facts.sims.move_to_end(recompute)
+        return hit
+    sim = _simulate(profile, facts.model, recompute)
+    facts.sims[recompute] = sim
+    if len(facts.sims) > _SIM_CACHE_SIZE:
+        facts.sims.popitem(last=False)
+    return sim
+
+
+def _simulate(profile: Profile, model: MemoryModel, recompute: frozenset[str]) -> Simulation:
+    schedule = model.schedule(recompute)
+    steps = schedule.steps
+    n_steps = len(steps)
+    end_step = n_steps - 1
+    nodes = profile.node_by_name
+    nbytes = {s.name: s.bytes for s in profile.storages}
+
+    # Value instances: the last step that reads each one.
+    last_read: dict[ValueRef, int] = {}
+    for t, step in enumerate(steps):
+        if nodes[step.node].is_output:
+            for r in step.reads:
+                last_read[r] = end_step  # read by the output: lives to the end
+        else:
+            for r in step.reads:
+                last_read[r] = t
+
+    # Storage instances: created at their allocating step, alive while a value
+    # instance referring to them is.
+    start: dict[StorageRef, int] = {}
+    end: dict[StorageRef, int] = {}
+    temp = [0] * n_steps
+    for t, step in enumerate(steps):
+        node = nodes[step.node]
+        block = step.block
+        temp[t] = node.temp_bytes
+        for s in node.allocates:
+            inst = (s, block)
+            start[inst] = t
+            end[inst] = t
+        if not node.storages:
+            continue
+        value_end = end_step if node.is_placeholder else last_read.get((step.node, block), t)
+        for s in node.storages:
+            inst = (s, block)
+            if block is None or inst not in start:
+                inst = (s, None)
+                if inst not in start:
+                    raise ValueError(
+                        f"node {step.node!r} refers to storage {s!r} before any node allocates it"
+                    )
+            if end[inst] < value_end:
+                end[inst] = value_end
+
+    delta = [0] * (n_steps + 1)
+    for inst, t0 in start.items():
+        b = nbytes[inst[0]]
+        delta[t0] += b
+        delta[end[inst] + 1] -= b
+    timeline = []
+    live = 0
+    for t in range(n_steps):
+        live += delta[t]
+        timeline.append(live + temp[t])
+
+    if n_steps:
+        peak = max(timeline)
+        peak_step = timeline.index(peak)
+    else:
+        peak, peak_step = 0, 0
+    blocks = {b.activation: b for b in schedule.blocks}
+    if n_steps:
+        peak_node, peak_block = steps[peak_step].node, steps[peak_step].block
+        if peak_block is None:
+            peak_region = nodes[peak_node].region
+        else:
+            peak_region = profile.nodes[blocks[peak_block].position].region
+    else:
+        peak_node, peak_block, peak_region = "", None, Region.FORWARD
+    peak_live = tuple(
+        sorted((inst for inst, t0 in start.items() if t0 <= peak_step <= end[inst]), key=_ref_key)
+    )
+    events = _events(
+        profile, steps, blocks, end, recompute, peak, peak_step, peak_node, peak_block, peak_region, nbytes
+    )
+    return Simulation(
+        recompute=recompute,
+        peak_bytes=peak,
+        peak_step=peak_step,
+        peak_node=peak_node,
+        peak_region=peak_region,
+        timeline=tuple(timeline),
+        step_nodes=tuple((s.node, s.block) for s in steps),
+        recompute_time_s=schedule.recompute_time_s,
+        schedule=schedule,
+        peak_live=peak_live,
+        events=events,
+    )
+
+
+def _ref_key(ref: StorageRef) -> tuple[str, str]:
+    return (ref[0], ref[1] or "")
+
+
+def _events(
+    profile, steps, blocks, end, recompute, peak, peak_step, peak_node, peak_block, peak_region, nbytes
+) -> tuple[Event, ...]:
+    events: list[Event] = []
+    for a in recompute:
+        t = end[(a, None)]
+        events.append(
+            Event(
+                step=t, kind=EventKind.FREE, node=steps[t].node, bytes=nbytes[a],
+                message=f"free {a} after its last forward use ({steps[t].node})",
+            )
+        )  # fmt: skip
+    first_step: dict[str, int] = {}
+    for t, step in enumerate(steps):
+        if step.block is not None and step.block not in first_step:
+            first_step[step.block] = t
+    for a, b in blocks.items():
+        t = first_step[a]
+        before = profile.nodes[b.position].name
+        events.append(
+            Event(
+                step=t, kind=EventKind.RECOMPUTE, node=steps[t].node, block=a, time_s=b.time_s,
+                message=(
+                    f"recompute block for {a}: {len(b.nodes)} node{'s' if len(b.nodes) != 1 else ''}, "
+                    f"{b.time_s * 1e3:.3g} ms, before {before}"
+                ),
+            )
+        )  # fmt: skip
+    where = f"{peak_node} in the recompute block for {peak_block}" if peak_block else peak_node
+    events.append(
+        Event(
+            step=peak_step, kind=EventKind.PEAK, node=peak_node, block=peak_block, bytes=peak,
+            message=f"peak {format_bytes(peak)} at {where} ({peak_region.value})",
+        )
+    )  # fmt: skip
+    order = {EventKind.FREE: 0, EventKind.RECOMPUTE: 1, EventKind.PEAK: 2}
+    events.sort(key=lambda e: (e.step, order[e.kind], e.block or "", e.message))
+    return tuple(events)
+
