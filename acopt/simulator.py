@@ -20,8 +20,10 @@ Counting rules (docs/memory-model.md, "How the simulator counts"):
   activation whose recompute block replays the node.
 * A storage instance is created at the step whose node lists the storage in
   ``allocates`` (a replayed node allocates fresh instances in its block). A
-  value instance refers to ``(s, block)`` for each ``s`` in its node's
-  ``storages`` that its own block created, else to the original ``(s, None)``.
+  value instance refers to the instances its step allocates and, for each
+  other storage of its node, to the instance of that storage that a value it
+  reads refers to: aliasing flows through the data, so a backward view of a
+  rebuilt activation refers to the rebuilt copy.
 * A value instance lives from its step to the last step that reads it (its
   own step if none does); placeholders and values read by the output node
   live to the last step.
@@ -194,29 +196,35 @@ def _simulate(profile: Profile, model: MemoryModel, recompute: frozenset[str]) -
                 last_read[r] = t
 
     # Storage instances: created at their allocating step, alive while a value
-    # instance referring to them is.
+    # instance referring to them is. Aliasing flows through reads: a value
+    # refers to what it allocates, and for its other storages to the instance
+    # that a value it reads refers to (a view of a rebuilt activation refers to
+    # the rebuilt copy, whatever block it is in).
     start: dict[StorageRef, int] = {}
     end: dict[StorageRef, int] = {}
+    refs: dict[ValueRef, list[StorageRef]] = {}
     temp = [0] * n_steps
     for t, step in enumerate(steps):
         node = nodes[step.node]
         block = step.block
         temp[t] = node.temp_bytes
-        for s in node.allocates:
+        allocates = node.allocates
+        for s in allocates:
             inst = (s, block)
             start[inst] = t
             end[inst] = t
         if not node.storages:
             continue
-        value_end = end_step if node.is_placeholder else last_read.get((step.node, block), t)
-        for s in node.storages:
-            inst = (s, block)
-            if block is None or inst not in start:
-                inst = (s, None)
-                if inst not in start:
-                    raise ValueError(
-                        f"node {step.node!r} refers to storage {s!r} before any node allocates it"
-                    )
+        if node.storages == allocates:
+            insts = [(s, block) for s in allocates]
+        else:
+            insts = [
+                (s, block) if s in allocates else _inherited(s, step, refs, start) for s in node.storages
+            ]
+        value = (step.node, block)
+        refs[value] = insts
+        value_end = end_step if node.is_placeholder else last_read.get(value, t)
+        for inst in insts:
             if end[inst] < value_end:
                 end[inst] = value_end
 
@@ -264,6 +272,20 @@ def _simulate(profile: Profile, model: MemoryModel, recompute: frozenset[str]) -
         peak_live=peak_live,
         events=events,
     )
+
+
+def _inherited(storage: str, step, refs, start) -> StorageRef:
+    """The instance of ``storage`` that ``step`` refers to without allocating it:
+    the one a value it reads refers to (first in input order), else (a tied
+    placeholder, which reads nothing) the block's or the original instance."""
+    for r in step.reads:
+        for inst in refs.get(r, ()):
+            if inst[0] == storage:
+                return inst
+    for inst in ((storage, step.block), (storage, None)):
+        if inst in start:
+            return inst
+    raise ValueError(f"node {step.node!r} refers to storage {storage!r}, which it neither allocates nor reads")
 
 
 def _ref_key(ref: StorageRef) -> tuple[str, str]:
