@@ -67,6 +67,19 @@ def test_any_plan_keeps_training_bitwise(name, data):
     recompute = data.draw(st.sets(st.sampled_from(candidates)), label="recompute")
     rewritten = acopt.rewrite(traced, recompute, profile=prof)
     _assert_bitwise(_run(traced, w, snapshot), _run(rewritten, w, snapshot))
+    measured = acopt.profile(rewritten, *w.batch, warmup=0, iterations=1)
+    sim = acopt.simulate(prof, recompute)
+    # Storages are exact; workspace is the profiled one, so compare without it.
+    assert _storage_peak(measured) == _storage_peak_sim(prof, sim)
+
+
+def _storage_peak(prof) -> int:
+    return max(t - n.temp_bytes for t, n in zip(prof.timeline, prof.nodes))
+
+
+def _storage_peak_sim(prof, sim) -> int:
+    temps = prof.node_by_name
+    return max(t - temps[node].temp_bytes for t, (node, _) in zip(sim.timeline, sim.step_nodes))
 
 
 @pytest.mark.parametrize("name", MODELS)
