@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -106,15 +107,28 @@ class Simulation:
 
 
 # ---- per-profile cache --------------------------------------------------------
+_NODE, _PLACEHOLDER, _OUTPUT = 0, 1, 2
+
+
 class _Facts:
     """What the simulator and planners reuse across calls for one profile."""
 
-    __slots__ = ("model", "sims", "fingerprint", "__weakref__")
+    __slots__ = ("model", "sims", "fingerprint", "node_info", "storage_bytes", "__weakref__")
 
     def __init__(self, profile: Profile):
         self.model = MemoryModel(profile)
         self.sims: OrderedDict[frozenset[str], Simulation] = OrderedDict()
         self.fingerprint: str | None = None
+        # node -> (allocates, storages, temp_bytes, kind, storages == allocates)
+        self.node_info = {
+            n.name: (
+                n.allocates, n.storages, n.temp_bytes,
+                _PLACEHOLDER if n.is_placeholder else _OUTPUT if n.is_output else _NODE,
+                n.storages == n.allocates,
+            )
+            for n in profile.nodes
+        }  # fmt: skip
+        self.storage_bytes = {s.name: s.bytes for s in profile.storages}
 
 
 _FACTS: dict[int, tuple[weakref.ref, _Facts]] = {}
@@ -127,8 +141,14 @@ def _facts(profile: Profile) -> _Facts:
     if hit is not None and hit[0]() is profile:
         return hit[1]
     facts = _Facts(profile)
-    _FACTS[key] = (weakref.ref(profile, lambda _, key=key: _FACTS.pop(key, None)), facts)
+    _FACTS[key] = (weakref.ref(profile, functools.partial(_forget, _FACTS, key)), facts)
     return facts
+
+
+def _forget(table: dict, key: int, ref: weakref.ref) -> None:
+    entry = table.get(key)
+    if entry is not None and entry[0] is ref:
+        del table[key]
 
 
 def memory_model(profile: Profile) -> MemoryModel:
@@ -170,30 +190,28 @@ def simulate(profile: Profile, plan_or_recompute: Any = ()) -> Simulation:
     if hit is not None:
         facts.sims.move_to_end(recompute)
         return hit
-    sim = _simulate(profile, facts.model, recompute)
+    sim = _simulate(profile, facts, recompute)
     facts.sims[recompute] = sim
     if len(facts.sims) > _SIM_CACHE_SIZE:
         facts.sims.popitem(last=False)
     return sim
 
 
-def _simulate(profile: Profile, model: MemoryModel, recompute: frozenset[str]) -> Simulation:
-    schedule = model.schedule(recompute)
+def _simulate(profile: Profile, facts: _Facts, recompute: frozenset[str]) -> Simulation:
+    schedule = facts.model.schedule(recompute)
     steps = schedule.steps
     n_steps = len(steps)
     end_step = n_steps - 1
     nodes = profile.node_by_name
-    nbytes = {s.name: s.bytes for s in profile.storages}
+    info = facts.node_info
+    nbytes = facts.storage_bytes
 
-    # Value instances: the last step that reads each one.
+    # Value instances: the last step that reads each one (values read by the
+    # output live to the end).
     last_read: dict[ValueRef, int] = {}
     for t, step in enumerate(steps):
-        if nodes[step.node].is_output:
-            for r in step.reads:
-                last_read[r] = end_step  # read by the output: lives to the end
-        else:
-            for r in step.reads:
-                last_read[r] = t
+        if step.reads:
+            last_read.update(dict.fromkeys(step.reads, end_step if info[step.node][3] == _OUTPUT else t))
 
     # Storage instances: created at their allocating step, alive while a value
     # instance referring to them is. Aliasing flows through reads: a value
@@ -205,25 +223,23 @@ def _simulate(profile: Profile, model: MemoryModel, recompute: frozenset[str]) -
     refs: dict[ValueRef, list[StorageRef]] = {}
     temp = [0] * n_steps
     for t, step in enumerate(steps):
-        node = nodes[step.node]
         block = step.block
-        temp[t] = node.temp_bytes
-        allocates = node.allocates
+        allocates, storages, temp_bytes, kind, only_allocates = info[step.node]
+        if temp_bytes:
+            temp[t] = temp_bytes
         for s in allocates:
             inst = (s, block)
             start[inst] = t
             end[inst] = t
-        if not node.storages:
+        if not storages:
             continue
-        if node.storages == allocates:
-            insts = [(s, block) for s in allocates]
+        if only_allocates:
+            insts = [(s, block) for s in storages]
         else:
-            insts = [
-                (s, block) if s in allocates else _inherited(s, step, refs, start) for s in node.storages
-            ]
+            insts = [(s, block) if s in allocates else _inherited(s, step, refs, start) for s in storages]
         value = (step.node, block)
         refs[value] = insts
-        value_end = end_step if node.is_placeholder else last_read.get(value, t)
+        value_end = end_step if kind == _PLACEHOLDER else last_read.get(value, t)
         for inst in insts:
             if end[inst] < value_end:
                 end[inst] = value_end

@@ -1,0 +1,18 @@
+"""Shared test configuration: hypothesis settings profiles (STYLE point 12).
+
+``ci`` (loaded when the environment variable CI is set) runs more examples
+with no deadline, since CI machines are slow and noisy; ``dev`` keeps the
+local loop fast. Pick one explicitly with ``--hypothesis-profile``.
+"""
+
+from __future__ import annotations
+
+import os
+
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "ci", max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
+)
+settings.register_profile("dev", max_examples=25, deadline=None)
+settings.load_profile("ci" if os.environ.get("CI") else "dev")
