@@ -15,8 +15,11 @@ as measured: ``Profile.meta.estimated_times``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import operator
+import os
+import sys
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -229,6 +232,28 @@ class StepInterpreter:
         return out_value, run
 
 
+@contextlib.contextmanager
+def _allocation_events():
+    """torch.profiler recording CPU allocations, with Kineto's start/stop chatter
+    on the C-level stderr silenced."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        with torch_profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            os.dup2(saved, 2)  # the profiled code keeps its stderr
+            yield prof
+            os.dup2(devnull, 2)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def measure_temp_bytes(interp: StepInterpreter, inputs: list[Any]) -> list[int]:
     """Per node, the bytes an op allocates and frees inside itself (workspace).
 
@@ -239,10 +264,8 @@ def measure_temp_bytes(interp: StepInterpreter, inputs: list[Any]) -> list[int]:
     if interp.device.type == "cuda":
         return _cuda_temp_bytes(interp, inputs)
     from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
 
-    with torch_profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _allocation_events() as prof:
         _, run = interp.run(inputs, annotate=True)
     temps = [0] * n
 
@@ -316,11 +339,9 @@ def allocator_peak_bytes(traced: TracedStep, *batch: torch.Tensor) -> int:
             torch.cuda.synchronize()
             return torch.cuda.max_memory_allocated()
         from torch._C._profiler import _EventType
-        from torch.profiler import ProfilerActivity
-        from torch.profiler import profile as torch_profile
 
         base = sum(t.untyped_storage().nbytes() for t in {_storage_key(t): t for t in inputs}.values())
-        with torch.no_grad(), torch_profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with torch.no_grad(), _allocation_events() as prof:
             out, _ = interp.run(inputs, record=False)
             del out
         sizes: list[tuple[int, int]] = []
