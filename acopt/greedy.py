@@ -50,7 +50,7 @@ from typing import Literal
 from acopt.planning import Plan, PlannerSpec, PlanStatus, SolverStats, assemble_plan, check_budget
 from acopt.records import Profile
 from acopt.schedule import MemoryModel
-from acopt.simulator import memory_model, simulate
+from acopt.simulator import memory_model, peak_bytes
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -74,12 +74,18 @@ class GreedyOptions:
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class PickOrder:
-    """The greedy's full pick order, with what each pick cost when it was made."""
+    """The greedy's pick order (or a prefix of it), with what each pick cost.
+
+    ``total_times_s[k-1]`` and ``steps[k-1]`` are the recompute time and the
+    schedule length of the plan made of the first ``k`` picks (every block
+    included, as grown by the later picks of that prefix).
+    """
 
     order: tuple[str, ...]
-    ratios: tuple[float, ...]  # bytes / block time at the pick
-    block_times_s: tuple[float, ...]  # block(a, R | {a}).time_s at the pick
-    total_times_s: tuple[float, ...]  # recompute time of the first k+1 picks (all their blocks)
+    ratios: tuple[float, ...]  # bytes / block time, at the pick
+    block_times_s: tuple[float, ...]  # block(a, R | {a}).time_s, at the pick
+    total_times_s: tuple[float, ...]
+    steps: tuple[int, ...]
 
 
 class _Blocks:
@@ -94,9 +100,9 @@ class _Blocks:
         self.candidates = model.candidates
         candidate_set = set(self.candidates)
         # A node is always available (placeholder, or refers only to placeholder
-        # storages and activations that no plan may drop), always unavailable
+        # storages and activations that no plan may drop), never available
         # (refers to a forward-only storage), or available unless one of its
-        # candidate storages is recomputed.
+        # candidate storages is recomputed (``watch``).
         self.always: set[str] = set()
         self.never: set[str] = set()
         self.watch: dict[str, tuple[str, ...]] = {}
@@ -125,18 +131,12 @@ class _Blocks:
             self.block_time[c] = 0.0
             self._grow(c, outputs)
 
-    def _available(self, node: str, owner: str) -> bool:
-        if node in self.always:
-            return True
-        if node in self.never:
-            return False
-        recomputed = self.recomputed
-        return not any(s == owner or s in recomputed for s in self.watch[node])
-
-    def _grow(self, c: str, starts) -> float:
-        """Add ``starts`` and the unavailable nodes they need to block ``c``; return the added time."""
+    def _grow(self, c: str, starts) -> tuple[float, int]:
+        """Add ``starts`` and the unavailable nodes they need to block ``c``;
+        return the time and the number of nodes added."""
         members, sources, inputs = self.members[c], self.sources[c], self.inputs
-        added = 0.0
+        always, never, watch, recomputed, readers = self.always, self.never, self.watch, self.recomputed, self.readers
+        added, count = 0.0, 0
         stack = [v for v in starts if v not in members]
         while stack:
             v = stack.pop()
@@ -145,97 +145,136 @@ class _Blocks:
             members.add(v)
             sources.discard(v)
             added += self.time[v]
+            count += 1
             for i in inputs[v]:
                 if i in members:
                     continue
-                if self._available(i, c):
+                if i in always or (
+                    i not in never and not any(s == c or s in recomputed for s in watch[i])
+                ):  # available under R | {c}
                     if i not in sources:
                         sources.add(i)
-                        for s in self.watch.get(i, ()):
-                            self.readers[s].add(c)
+                        for s in watch.get(i, ()):
+                            readers[s].add(c)
                 else:
                     stack.append(i)
         self.block_time[c] += added
-        return added
+        return added, count
 
-    def pick(self, p: str) -> tuple[list[str], float]:
-        """Recompute ``p``; grow the blocks that read it. Returns the grown
-        candidates and the time added to the blocks of earlier picks."""
+    def pick(self, p: str) -> tuple[list[str], float, int]:
+        """Recompute ``p`` and grow the blocks that read it. Returns the grown
+        candidates, and the time and nodes added to the blocks of earlier picks."""
         self.recomputed.add(p)
-        grown, added_to_picks = [], 0.0
+        grown, added_time, added_nodes = [], 0.0, 0
         aliases = self.aliases[p]
         for c in sorted(self.readers.pop(p, ())):
             if c == p:
                 continue
             starts = [x for x in aliases if x in self.sources[c]]
             if not starts:
-                continue  # stale index entry: that source became a member
-            added = self._grow(c, starts)
+                continue  # stale entry: that source has become a member
+            time_s, nodes = self._grow(c, starts)
             grown.append(c)
             if c in self.recomputed:
-                added_to_picks += added
-        return grown, added_to_picks
+                added_time += time_s
+                added_nodes += nodes
+        return grown, added_time, added_nodes
+
+
+class _Greedy:
+    """The pick order, computed lazily: only as far as the stop needs (Note G2)."""
+
+    def __init__(self, profile: Profile, *, min_time_s: float):
+        self.blocks = _Blocks(profile, memory_model(profile))
+        self.sizes = {s.name: s.bytes for s in profile.storages}
+        self.rank = {c: i for i, c in enumerate(self.blocks.candidates)}
+        self.min_time_s = min_time_s
+        self.heap = [(*self._key(c), c) for c in self.blocks.candidates]
+        heapq.heapify(self.heap)
+        self.order: list[str] = []
+        self.ratios: list[float] = []
+        self.block_times: list[float] = []
+        self.totals: list[float] = []
+        self.steps: list[int] = []
+        self._total = 0.0
+        self._steps = len(profile.nodes)
+
+    def _key(self, c: str) -> tuple[float, int]:
+        ratio = self.sizes[c] / max(self.blocks.block_time[c], self.min_time_s)
+        return (-float(f"{ratio:.12g}"), self.rank[c])  # Note G3
+
+    @property
+    def n(self) -> int:
+        return len(self.blocks.candidates)
+
+    def extend(self, k: int) -> None:
+        """Make the first ``min(k, n)`` picks."""
+        blocks, heap = self.blocks, self.heap
+        while len(self.order) < k and heap:
+            neg_ratio, rank, c = heapq.heappop(heap)
+            if c in blocks.recomputed or (neg_ratio, rank) != self._key(c):
+                continue  # stale: its block grew since this entry was pushed
+            self.order.append(c)
+            self.ratios.append(-neg_ratio)
+            self.block_times.append(blocks.block_time[c])
+            grown, added_time, added_nodes = blocks.pick(c)
+            self._total += blocks.block_time[c] + added_time
+            self._steps += len(blocks.members[c]) + added_nodes
+            self.totals.append(self._total)
+            self.steps.append(self._steps)
+            for g in grown:
+                if g not in blocks.recomputed:
+                    heapq.heappush(heap, (*self._key(g), g))
+
+    def prefix(self, k: int) -> tuple[str, ...]:
+        self.extend(k)
+        return tuple(self.order[:k])
+
+    def result(self) -> PickOrder:
+        return PickOrder(
+            order=tuple(self.order), ratios=tuple(self.ratios), block_times_s=tuple(self.block_times),
+            total_times_s=tuple(self.totals), steps=tuple(self.steps),
+        )  # fmt: skip
 
 
 def pick_order(profile: Profile, *, min_time_s: float = 1e-12) -> PickOrder:
-    """mu-TWO's pick order over all candidates (Notes G1, G3)."""
-    model = memory_model(profile)
-    blocks = _Blocks(profile, model)
-    sizes = {s.name: s.bytes for s in profile.storages}
-    rank = {c: i for i, c in enumerate(blocks.candidates)}
-
-    def key(c: str) -> tuple[float, int]:
-        ratio = sizes[c] / max(blocks.block_time[c], min_time_s)
-        return (-float(f"{ratio:.12g}"), rank[c])
-
-    heap = [(*key(c), c) for c in blocks.candidates]
-    heapq.heapify(heap)
-    order, ratios, block_times, totals = [], [], [], []
-    total = 0.0
-    picked: set[str] = set()
-    while heap:
-        neg_ratio, r, c = heapq.heappop(heap)
-        if c in picked or (neg_ratio, r) != key(c):
-            continue  # stale entry: its block grew since it was pushed
-        picked.add(c)
-        order.append(c)
-        ratios.append(-neg_ratio)
-        block_times.append(blocks.block_time[c])
-        grown, added_to_picks = blocks.pick(c)
-        total += blocks.block_time[c] + added_to_picks
-        totals.append(total)
-        for g in grown:
-            if g not in picked:
-                heapq.heappush(heap, (*key(g), g))
-    return PickOrder(
-        order=tuple(order), ratios=tuple(ratios), block_times_s=tuple(block_times), total_times_s=tuple(totals)
-    )
+    """mu-TWO's pick order over every candidate (Notes G1, G3)."""
+    g = _Greedy(profile, min_time_s=min_time_s)
+    g.extend(g.n)
+    return g.result()
 
 
-def shortest_fitting_prefix(
-    profile: Profile, order: tuple[str, ...], budget_bytes: int, *, search: str = "bisect"
-) -> tuple[int, int]:
-    """``(k, simulations)``: the length of the shortest prefix of ``order`` that
-    fits (Note G2), and how many simulations finding it took."""
+def _shortest_fitting_prefix(profile: Profile, g: _Greedy, budget_bytes: int, search: str) -> tuple[int, int]:
+    """``(k, simulations)``: the length of the shortest prefix of the pick
+    order that fits (Note G2), and how many simulations finding it took."""
     known: dict[int, bool] = {}
 
     def fits(k: int) -> bool:
         if k not in known:
-            known[k] = simulate(profile, order[:k]).peak_bytes <= budget_bytes
+            known[k] = peak_bytes(profile, g.prefix(k)) <= budget_bytes
         return known[k]
 
-    n = len(order)
+    n = g.n
     if fits(0):
         return 0, len(known)
+    k = None
     if search == "linear":
         k = next((k for k in range(1, n + 1) if fits(k)), None)
     else:
-        hi = 1
-        while hi < n and not fits(hi):  # gallop: 1, 2, 4, ... n
-            hi = min(2 * hi, n)
-        k = hi if hi <= n and fits(hi) else None
-        if k is not None:
-            lo = max(j for j, ok in known.items() if not ok and j < hi)
+        lo, hi = 0, 1
+        while not fits(hi):  # gallop: double k, but at most double the schedule's length
+            if hi >= n:
+                break
+            lo = hi
+            limit = 2 * g.steps[hi - 1]
+            nxt = hi + 1
+            while nxt < min(2 * hi, n):
+                g.extend(nxt + 1)
+                if g.steps[nxt] > limit:
+                    break
+                nxt += 1
+            hi = nxt
+        if fits(hi):
             while hi - lo > 1:  # bisect: lo does not fit, hi fits
                 mid = (lo + hi) // 2
                 if fits(mid):
@@ -252,25 +291,22 @@ def greedy(*, profile: Profile, budget_bytes: int, options: GreedyOptions) -> Pl
     """The greedy planner (registered as ``"greedy"``)."""
     started = time.perf_counter()
     check_budget(profile, budget_bytes)
-    t0 = time.perf_counter()
-    picks = pick_order(profile, min_time_s=options.min_time_s)
-    t_order = time.perf_counter() - t0
-    k, sims = shortest_fitting_prefix(profile, picks.order, budget_bytes, search=options.search)
-    n = len(picks.order)
+    g = _Greedy(profile, min_time_s=options.min_time_s)
+    k, sims = _shortest_fitting_prefix(profile, g, budget_bytes, options.search)
     return assemble_plan(
         profile,
-        picks.order[:k],
+        g.prefix(k),
         solver="greedy",
         status=PlanStatus.HEURISTIC,
         budget_bytes=budget_bytes,
         started=started,
         options=options,
         stats=SolverStats(
-            objective=picks.total_times_s[k - 1] if k else 0.0,
+            objective=g.totals[k - 1] if k else 0.0,
             iterations=sims,
             notes=(
-                f"ordered {n} candidates in {t_order:.3f} s",
-                f"{options.search} search: prefix {k} of {n} fits after {sims} simulations",
+                f"{options.search} search: the first {k} of the {g.n} candidates in pick order fit, "
+                f"after {len(g.order)} picks and {sims} simulations",
             ),
         ),
     )

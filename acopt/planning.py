@@ -456,8 +456,9 @@ def _load_entry_points(name: str | None = None) -> None:
 def _load_error(ep, e: Exception) -> str:
     why = f"{type(e).__name__}: {e}"
     missing = getattr(e, "name", None) if isinstance(e, ImportError) else None
-    if missing and not ep.value.split(":")[0].startswith(missing.split(".")[0] + "."):
-        return f"entry point {ep.value} could not be imported ({why}); {_install_advice(missing.split('.')[0], ep)}"
+    top = (missing or "").split(".")[0]
+    if top and top != ep.value.split(":")[0].split(".")[0]:  # a dependency, not the plugin itself
+        return f"entry point {ep.value} could not be imported ({why}); {_install_advice(top, ep)}"
     return f"entry point {ep.value} could not be imported ({why})"
 
 

@@ -113,11 +113,13 @@ _NODE, _PLACEHOLDER, _OUTPUT = 0, 1, 2
 class _Facts:
     """What the simulator and planners reuse across calls for one profile."""
 
-    __slots__ = ("model", "sims", "fingerprint", "node_info", "storage_bytes", "__weakref__")
+    __slots__ = ("model", "sims", "pinned", "peaks", "fingerprint", "node_info", "storage_bytes", "__weakref__")
 
     def __init__(self, profile: Profile):
         self.model = MemoryModel(profile)
-        self.sims: OrderedDict[frozenset[str], Simulation] = OrderedDict()
+        self.sims: OrderedDict[frozenset[str], Simulation] = OrderedDict()  # recent plans (LRU)
+        self.pinned: dict[frozenset[str], Simulation] = {}  # the empty plan, every candidate (the floor)
+        self.peaks: OrderedDict[frozenset[str], int] = OrderedDict()  # peak_bytes() results (LRU)
         self.fingerprint: str | None = None
         # node -> (allocates, storages, temp_bytes, kind, storages == allocates)
         self.node_info = {
@@ -133,6 +135,7 @@ class _Facts:
 
 _FACTS: dict[int, tuple[weakref.ref, _Facts]] = {}
 _SIM_CACHE_SIZE = 8
+_PEAK_CACHE_SIZE = 256
 
 
 def _facts(profile: Profile) -> _Facts:
@@ -186,23 +189,46 @@ def simulate(profile: Profile, plan_or_recompute: Any = ()) -> Simulation:
                 f"this plan was made for another profile (profile_id {profile_id!r}, "
                 f"this profile's is {profile_fingerprint(profile)!r})"
             )
-    hit = facts.sims.get(recompute)
+    hit = facts.pinned.get(recompute) or facts.sims.get(recompute)
     if hit is not None:
-        facts.sims.move_to_end(recompute)
+        if recompute in facts.sims:
+            facts.sims.move_to_end(recompute)
         return hit
     sim = _simulate(profile, facts, recompute)
-    facts.sims[recompute] = sim
-    if len(facts.sims) > _SIM_CACHE_SIZE:
-        facts.sims.popitem(last=False)
+    if not recompute or recompute == frozenset(facts.model.candidates):
+        facts.pinned[recompute] = sim  # needed by every plan() call: never evicted
+    else:
+        facts.sims[recompute] = sim
+        if len(facts.sims) > _SIM_CACHE_SIZE:
+            facts.sims.popitem(last=False)
     return sim
 
 
-def _simulate(profile: Profile, facts: _Facts, recompute: frozenset[str]) -> Simulation:
-    schedule = facts.model.schedule(recompute)
+def peak_bytes(profile: Profile, recompute: Any) -> int:
+    """``simulate(profile, recompute).peak_bytes`` without the event log and the
+    :class:`Simulation`: what a planner's search needs. Cached per profile."""
+    recompute = as_recompute(recompute)
+    facts = _facts(profile)
+    hit = facts.pinned.get(recompute) or facts.sims.get(recompute)
+    if hit is not None:
+        return hit.peak_bytes
+    peak = facts.peaks.get(recompute)
+    if peak is None:
+        timeline, _, _ = _measure(facts, facts.model.schedule(recompute))
+        peak = max(timeline, default=0)
+        facts.peaks[recompute] = peak
+        if len(facts.peaks) > _PEAK_CACHE_SIZE:
+            facts.peaks.popitem(last=False)
+    else:
+        facts.peaks.move_to_end(recompute)
+    return peak
+
+
+def _measure(facts: _Facts, schedule: Schedule) -> tuple[list[int], dict[StorageRef, int], dict[StorageRef, int]]:
+    """The live-bytes timeline of ``schedule``, and each storage instance's first and last live step."""
     steps = schedule.steps
     n_steps = len(steps)
     end_step = n_steps - 1
-    nodes = profile.node_by_name
     info = facts.node_info
     nbytes = facts.storage_bytes
 
@@ -254,6 +280,16 @@ def _simulate(profile: Profile, facts: _Facts, recompute: frozenset[str]) -> Sim
     for t in range(n_steps):
         live += delta[t]
         timeline.append(live + temp[t])
+    return timeline, start, end
+
+
+def _simulate(profile: Profile, facts: _Facts, recompute: frozenset[str]) -> Simulation:
+    schedule = facts.model.schedule(recompute)
+    steps = schedule.steps
+    n_steps = len(steps)
+    nodes = profile.node_by_name
+    nbytes = facts.storage_bytes
+    timeline, start, end = _measure(facts, schedule)
 
     if n_steps:
         peak = max(timeline)

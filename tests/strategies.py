@@ -253,3 +253,61 @@ def chain_profile(
         b.node(f"step{i}", "add_", O, inputs=(f"w{i}", f"gw{i}"), storages=(f"w{i}",), mutates=(f"w{i}",), recomputable=False)
     b.node("output", "output", O, inputs=("loss",), recomputable=False)
     return b.profile(batch_size=batch_size, model=f"chain{layers}")
+
+
+def residual_profile(
+    blocks: int, *, act_bytes: int = 4096, param_bytes: int = 512, time_s: float = 1e-4, batch_size: int = 1
+) -> Profile:
+    """A deterministic ResNet-like step: ``blocks`` residual blocks, mirrored backward, SGD.
+
+    Block i (input h): conv1 -> bn1 -> relu1 -> conv2 -> bn2 -> add(bn2, h) ->
+    relu, then a view of it is the next block's input. The backward mirrors
+    it (threshold, batch-norm and convolution backward, the residual gradient
+    add), so each block has four activations, all candidates: conv1, relu1,
+    conv2 and relu (read through its view). Convolutions cost 4x a pointwise
+    op and make 2x ``act_bytes``, so ratios differ. 21 nodes per block.
+    """
+    b = _Builder()
+    b.node("x", "placeholder", F, storages=("x",), allocates=("x",))
+    b.alloc("x", act_bytes, "x", Role.INPUT)
+    for i in range(blocks):
+        for w in (f"w1_{i}", f"w2_{i}"):
+            b.node(w, "placeholder", F, storages=(w,), allocates=(w,))
+            b.alloc(w, param_bytes, w, Role.PARAMETER)
+
+    def op(name, kind, region, inputs, nbytes, t):
+        b.node(name, kind, region, inputs=inputs, storages=(name,), allocates=(name,), time_s=t)
+        b.alloc(name, nbytes, name, Role.GRADIENT if name.startswith("gw") else Role.OTHER)
+
+    h = "x"
+    ins = []
+    for i in range(blocks):
+        ins.append(h)
+        op(f"conv1_{i}", "convolution", F, (h, f"w1_{i}"), 2 * act_bytes, 4 * time_s)
+        op(f"bn1_{i}", "batch_norm", F, (f"conv1_{i}",), 3 * act_bytes // 2, time_s)
+        op(f"relu1_{i}", "relu", F, (f"bn1_{i}",), act_bytes, time_s)
+        op(f"conv2_{i}", "convolution", F, (f"relu1_{i}", f"w2_{i}"), 2 * act_bytes, 4 * time_s)
+        op(f"bn2_{i}", "batch_norm", F, (f"conv2_{i}",), 3 * act_bytes // 2, time_s)
+        op(f"add_{i}", "add", F, (f"bn2_{i}", h), act_bytes, time_s)
+        op(f"relu_{i}", "relu", F, (f"add_{i}",), act_bytes, time_s)
+        b.node(f"view_{i}", "view", F, inputs=(f"relu_{i}",), storages=(f"relu_{i}",))
+        h = f"view_{i}"
+    b.node("loss", "sum", F, inputs=(h,), storages=("loss",), allocates=("loss",), time_s=time_s)
+    b.alloc("loss", 4, "loss")
+    g = "loss"
+    for i in reversed(range(blocks)):
+        op(f"grelu_{i}", "threshold_backward", B, (g, f"relu_{i}"), act_bytes, time_s)
+        op(f"gbn2_{i}", "batch_norm_backward", B, (f"grelu_{i}", f"conv2_{i}"), 2 * act_bytes, 2 * time_s)
+        op(f"gw2_{i}", "convolution_backward", B, (f"gbn2_{i}", f"relu1_{i}"), param_bytes, 4 * time_s)
+        op(f"gr1_{i}", "convolution_backward", B, (f"gbn2_{i}", f"w2_{i}"), act_bytes, 4 * time_s)
+        op(f"grelu1_{i}", "threshold_backward", B, (f"gr1_{i}", f"relu1_{i}"), act_bytes, time_s)
+        op(f"gbn1_{i}", "batch_norm_backward", B, (f"grelu1_{i}", f"conv1_{i}"), 2 * act_bytes, 2 * time_s)
+        op(f"gw1_{i}", "convolution_backward", B, (f"gbn1_{i}", ins[i]), param_bytes, 4 * time_s)
+        op(f"gh_{i}", "convolution_backward", B, (f"gbn1_{i}", f"w1_{i}"), act_bytes, 4 * time_s)
+        op(f"gsum_{i}", "add", B, (f"gh_{i}", f"grelu_{i}"), act_bytes, time_s)
+        g = f"gsum_{i}"
+    for i in range(blocks):
+        for w in (f"w1_{i}", f"w2_{i}"):
+            b.node(f"step_{w}", "add_", O, inputs=(w, f"g{w}"), storages=(w,), mutates=(w,), recomputable=False)
+    b.node("output", "output", O, inputs=("loss",), recomputable=False)
+    return b.profile(batch_size=batch_size, model=f"residual{blocks}")
