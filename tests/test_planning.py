@@ -353,3 +353,45 @@ def test_the_built_in_registry():
     from acopt.greedy import GreedyOptions
 
     assert specs["greedy"].options_type is GreedyOptions
+
+
+# ---- what a plan leaves on disk ----------------------------------------------------------
+def test_decisions_csv(tmp_path):
+    import pandas as pd
+
+    from acopt.plan_outputs import decisions_frame, write_decisions_csv
+
+    profile = chain_profile(4, batch_size=8)
+    p = plan(profile, budget="80%")
+    path = write_decisions_csv(profile, p, tmp_path / "out")
+    assert path.name == "ac_decisions_bs8.csv"
+    frame = pd.read_csv(path)
+    assert list(frame.columns[:6]) == [
+        "activation_name", "decision", "size_bytes", "recomp_time_s", "creation_rank", "first_bw_use_rank",
+    ]  # fmt: skip
+    assert set(frame["decision"]) <= {"CHECKPOINT", "RECOMPUTE"}
+    assert set(frame.loc[frame["decision"] == "RECOMPUTE", "activation_name"]) == set(p.recompute)
+    assert frame["block_time_s"].sum() == pytest.approx(p.recompute_time_s)
+    relu0 = frame.set_index("activation_name").loc["relu0"]
+    assert relu0["size_bytes"] == 1000 and relu0["recomp_time_s"] == pytest.approx(1.5e-3)
+    assert relu0["creation_rank"] == profile.node_index["relu0"]
+    assert relu0["first_bw_use_rank"] == profile.node_index["gw1"]
+    assert len(decisions_frame(profile, ())) == len(memory_model(profile).activation_storages)
+
+
+def test_sweep_and_plots(tmp_path):
+    from acopt.plan_outputs import plot_sweep, plot_timelines, sweep
+
+    profile = chain_profile(6)
+    lo, hi = floor(profile), no_recompute_peak(profile)
+    frame = sweep(profile, solver="greedy", budgets=[lo - 1, lo, (lo + hi) // 2, hi])
+    assert list(frame["status"]) == ["below_floor", "heuristic", "heuristic", "optimal"]
+    ok = frame[frame["status"] != "below_floor"]
+    assert (ok["peak_bytes"] <= ok["budget_bytes"]).all()
+    assert ok["pareto"].any() and not frame["pareto"].iloc[0]
+    png = plot_sweep(frame, tmp_path / "sweep.png")
+    assert png.stat().st_size > 1000
+    p = plan(profile, budget=(lo + hi) // 2)
+    png = plot_timelines(profile, {"greedy": p, "everything": memory_model(profile).candidates}, tmp_path / "t.png")
+    assert png.stat().st_size > 1000
+    assert plot_timelines(profile, {}, tmp_path / "empty.png").exists()
