@@ -213,3 +213,45 @@ def test_plan_for_another_graph_is_refused():
     _, other_traced, other_prof, _ = _setup("cnn")
     with pytest.raises(InvalidPlan, match="not made from this traced step"):
         acopt.rewrite(traced, set(), profile=other_prof)
+
+
+BIG = {"resnet152": dict(image_size=64), "bert-base": dict(seq_len=64)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(BIG))
+def test_big_models_bitwise_and_memory_truth_cpu(name):
+    w = models.build(name, batch_size=2, seed=0, **BIG[name])
+    traced = acopt.trace(w.train_step, w.model, w.optimizer, *w.batch)
+    prof = acopt.profile(traced, *w.batch, warmup=1, iterations=1)
+    snapshot = (copy.deepcopy(w.model.state_dict()), copy.deepcopy(w.optimizer.state_dict()))
+    base = _run(traced, w, snapshot, steps=2)
+    floor = acopt.floor(prof)
+    for budget in (floor + (prof.peak_bytes - floor) // 2, floor):
+        plan = acopt.plan(prof, budget=budget, solver="greedy")
+        rewritten = acopt.rewrite(traced, plan, profile=prof)
+        _assert_bitwise(base, _run(rewritten, w, snapshot, steps=2))
+        measured = acopt.profile(rewritten, *w.batch, warmup=0, iterations=1)
+        sim = acopt.simulate(prof, plan)
+        assert _storage_peak(measured) == _storage_peak_sim(prof, sim)
+        assert sim.peak_bytes <= budget
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["transformer", "cnn"])
+def test_cuda_bitwise_and_memory(name):
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    w = models.build(name, batch_size=8, seed=0, device="cuda")
+    traced = acopt.trace(w.train_step, w.model, w.optimizer, *w.batch)
+    prof = acopt.profile(traced, *w.batch, warmup=1, iterations=2)
+    snapshot = (copy.deepcopy(w.model.state_dict()), copy.deepcopy(w.optimizer.state_dict()))
+    recompute = frozenset(MemoryModel(prof).candidates)
+    rewritten = acopt.rewrite(traced, recompute, profile=prof)
+    _assert_bitwise(_run(traced, w, snapshot), _run(rewritten, w, snapshot))
+    measured = acopt.profile(rewritten, *w.batch, warmup=0, iterations=1)
+    assert _storage_peak(measured) == _storage_peak_sim(prof, acopt.simulate(prof, recompute))
