@@ -1,0 +1,287 @@
+"""What the exact planners share: the lazy loop and the Plan it becomes.
+
+``ilp`` and ``cpsat`` differ only in the solver that a :class:`Backend`
+wraps. Everything else lives here once (STYLE point 4): the greedy warm start,
+the lazy loop of solvers/model.py Note 5 (solve, add the block rows the plan
+violates, re-solve; check every plan with the simulator), the time limit, the
+minimum-peak solve behind an INFEASIBLE answer, and the Plan with its bound,
+gap and model size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from acopt.planning import Plan, PlanStatus, SolverStats, assemble_plan
+from acopt.records import Profile
+from acopt.simulator import simulate
+from solvers.model import Formulation, ModelSize
+
+OPTIMAL = "optimal"
+FEASIBLE = "feasible"  # a solution, not proven optimal (time limit)
+INFEASIBLE = "infeasible"
+UNKNOWN = "unknown"  # no solution and nothing proven (time limit)
+TIME_LIMIT = "time_limit"
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Solved:
+    """One backend solve: status, variable values (None without a solution),
+    the model's objective and the proven bound, in the model's units."""
+
+    status: str
+    x: list[float] | None
+    objective: float | None
+    bound: float | None
+
+
+class Backend(Protocol):
+    """Mirrors a :class:`Formulation` (its rows so far) into one solver and solves."""
+
+    def solve(self, *, time_limit_s: float, hint: Sequence[float] | None) -> Solved: ...
+
+
+MakeBackend = Callable[[Formulation], Backend]
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Outcome:
+    """What the lazy loop found. ``objective`` and ``bound`` are seconds of
+    recompute time, or bytes of peak in minimum-peak mode."""
+
+    recompute: frozenset[str] | None
+    status: str  # OPTIMAL, FEASIBLE (within rel_gap), TIME_LIMIT, INFEASIBLE
+    objective: float | None  # the simulator's value for ``recompute``
+    bound: float | None
+    gap: float | None
+    peak_bytes: int | None  # simulated
+    model_peak_bytes: int | None  # the model's (model.py Notes 3-4)
+    size: ModelSize
+    exact_model: bool  # False: Note 7's relaxation was needed (still exact after the simulator's cuts)
+    iterations: int
+    lazy_rows: int
+    no_goods: int
+    pruned: int
+    build_time_s: float
+    solve_time_s: float
+    notes: tuple[str, ...]
+
+
+def solve(
+    profile: Profile,
+    *,
+    budget: int | None,
+    make_backend: MakeBackend,
+    time_limit_s: float,
+    rel_gap: float = 0.0,
+    incumbent: frozenset[str] | None = None,
+) -> Outcome:
+    """Minimise recompute time under ``budget``, or (``budget=None``) the peak.
+
+    ``incumbent`` must fit the budget (it is checked); it is the warm start,
+    the answer at the time limit, and the cost bound of model.py Note 6.
+    """
+    t0 = time.perf_counter()
+    deadline = t0 + time_limit_s
+    peak_mode = budget is None
+    notes: list[str] = []
+
+    def value(plan: frozenset[str]) -> tuple[int, float]:
+        sim = simulate(profile, plan)
+        return sim.peak_bytes, float(sim.peak_bytes) if peak_mode else sim.recompute_time_s
+
+    best, best_value = None, math.inf
+    if incumbent is not None:
+        peak, val = value(incumbent)
+        if peak_mode or peak <= budget:
+            best, best_value = incumbent, val
+        else:
+            notes.append(f"warm start ignored: its simulated peak {peak} exceeds the budget")
+    f = Formulation(profile, incumbent_cost=None if peak_mode or best is None else best_value)
+    f.build(budget=budget)
+    backend = make_backend(f)
+    build_time = time.perf_counter() - t0
+    if f.irregular:
+        notes.append(
+            f"model.py Note 7: {len(f.irregular)} forward value(s) read later refer to several storages "
+            f"(e.g. {f.irregular[0]!r}); their memory is relaxed and plans are settled by the simulator"
+        )
+    bound = -math.inf
+    status = TIME_LIMIT
+    iterations = lazy = 0
+    hint_cache: dict[frozenset[str], list[float]] = {}
+    solve_t0 = time.perf_counter()
+    while True:
+        left = deadline - time.perf_counter()
+        if left <= 0:
+            break
+        iterations += 1
+        hint = None
+        if best is not None:
+            hint = f.assignment(best)
+            if peak_mode:
+                hint[f.peak_var] = best_value
+        res = backend.solve(time_limit_s=left, hint=hint)
+        if res.status == INFEASIBLE:
+            if best is None:
+                status = INFEASIBLE
+            else:  # the incumbent satisfies every row, so this is a solver fault
+                notes.append("the solver called the model infeasible although the warm start fits it")
+            break
+        if res.bound is not None:
+            bound = max(bound, res.bound)
+        if res.x is None:
+            break
+        plan = frozenset(c.name for k, c in enumerate(f.candidates) if res.x[f.r(k)] > 0.5)
+        limit = res.x[f.peak_var] if peak_mode else budget
+        new = f.violated(plan, budget=limit)
+        if new:
+            for k, w in new:
+                lazy += f.activate_block_row(k, w)
+            continue
+        peak, val = value(plan)
+        if peak > limit + (0.5 if peak_mode else 0):
+            model_peak = f.predicted_peak(plan)
+            why = "numerical tolerance" if model_peak > limit else "model.py Note 7 relaxation"
+            notes.append(f"cut off a plan the model placed under {limit:.0f} bytes, simulated {peak} ({why})")
+            if peak_mode:
+                f.add_peak_cut(plan, peak)
+            else:
+                f.add_no_good(plan)
+            continue
+        if val < best_value or best is None:
+            best, best_value = plan, val
+        if res.status == OPTIMAL:
+            status = OPTIMAL
+            if res.objective is not None:
+                bound = max(bound, min(res.bound if res.bound is not None else res.objective, res.objective))
+        break
+    solve_time = time.perf_counter() - solve_t0
+    size = f.size()
+    common = dict(
+        size=size, exact_model=not f.irregular, iterations=iterations, lazy_rows=lazy, no_goods=f.no_goods,
+        pruned=f.pruned_count, build_time_s=build_time, solve_time_s=solve_time,
+    )  # fmt: skip
+    if best is None:
+        return Outcome(
+            recompute=None, status=status, objective=None, bound=None if bound == -math.inf else bound,
+            gap=None, peak_bytes=None, model_peak_bytes=None, notes=tuple(notes), **common,
+        )  # fmt: skip
+    peak, val = value(best)
+    if bound == -math.inf:
+        bound_out = None
+    else:
+        bound_out = max(0.0, min(bound, val))  # CP-SAT rounds times: never above what we found
+    gap = None if bound_out is None else (0.0 if val <= 0 else max(0.0, (val - bound_out) / val))
+    if status == OPTIMAL and gap is not None and gap > 1e-9:
+        status = FEASIBLE  # optimal within rel_gap only
+    if status == TIME_LIMIT and gap is not None and gap <= 1e-9:
+        status = OPTIMAL  # the bound closed the gap
+    if status == OPTIMAL:
+        bound_out, gap = val, 0.0  # proven: float noise in the solver's bound is not a gap
+    return Outcome(
+        recompute=best, status=status, objective=val, bound=bound_out, gap=gap, peak_bytes=peak,
+        model_peak_bytes=f.predicted_peak(best), notes=tuple(notes), **common,
+    )  # fmt: skip
+
+
+def run(
+    *,
+    profile: Profile,
+    budget_bytes: int,
+    options: Any,
+    solver: str,
+    make_backend: MakeBackend,
+) -> Plan:
+    """An exact planner's whole job: warm start, solve, map back to a checked Plan.
+
+    ``options`` has ``time_limit_s``, ``rel_gap`` and ``warm_start``.
+    """
+    started = time.perf_counter()
+    incumbent, greedy_note = None, ""
+    if options.warm_start:
+        from acopt.greedy import GreedyOptions, greedy
+
+        try:
+            warm = greedy(profile=profile, budget_bytes=budget_bytes, options=GreedyOptions())
+        except ValueError as e:  # InfeasibleBudget below the floor: no warm start
+            greedy_note = f"no greedy warm start ({type(e).__name__})"
+        else:
+            if warm.fits:
+                incumbent = warm.recompute
+                greedy_note = f"greedy warm start: {warm.recompute_time_s:.6g} s"
+    out = solve(
+        profile, budget=budget_bytes, make_backend=make_backend, time_limit_s=options.time_limit_s,
+        rel_gap=options.rel_gap, incumbent=incumbent,
+    )  # fmt: skip
+    notes = [greedy_note] if greedy_note else []
+    notes += list(out.notes)
+    if out.status == INFEASIBLE:
+        return _infeasible(profile, budget_bytes, options, solver, make_backend, out, notes, started)
+    recompute = out.recompute
+    status = {OPTIMAL: PlanStatus.OPTIMAL, FEASIBLE: PlanStatus.FEASIBLE, TIME_LIMIT: PlanStatus.TIME_LIMIT}[out.status]
+    if recompute is None:  # time limit before any plan: fall back on the greedy
+        from acopt.greedy import GreedyOptions, greedy
+
+        recompute = greedy(profile=profile, budget_bytes=budget_bytes, options=GreedyOptions()).recompute
+        notes.append("time limit before the solver found a plan: the greedy plan is returned")
+        status = PlanStatus.TIME_LIMIT
+    notes.append(_size_note(out))
+    sim = simulate(profile, recompute)
+    if out.model_peak_bytes is not None and recompute == out.recompute:
+        notes.append(f"peak: model {out.model_peak_bytes} bytes, simulator {sim.peak_bytes} bytes")
+    bound, gap = out.bound, out.gap
+    if recompute != out.recompute:
+        gap = None if bound is None or sim.recompute_time_s <= 0 else (sim.recompute_time_s - bound) / sim.recompute_time_s
+    return assemble_plan(
+        profile, recompute, solver=solver, status=status, budget_bytes=budget_bytes, started=started,
+        bound=bound, gap=gap, options=options,
+        stats=SolverStats(
+            variables=out.size.variables, constraints=out.size.rows, objective=out.objective,
+            iterations=out.iterations, build_time_s=out.build_time_s, notes=tuple(notes),
+        ),
+    )  # fmt: skip
+
+
+def _size_note(out: Outcome) -> str:
+    s = out.size
+    return (
+        f"model: {s.variables} variables ({s.binaries} binary), {s.rows} rows, {s.nonzeros} nonzeros; "
+        f"{out.iterations} solve(s), {out.lazy_rows} lazy block row(s), {out.no_goods} cut(s), "
+        f"{out.pruned} chain member(s) pruned by cost; build {out.build_time_s:.2f} s, "
+        f"solve {out.solve_time_s:.2f} s"
+    )
+
+
+def _infeasible(profile, budget_bytes, options, solver, make_backend, out, notes, started) -> Plan:
+    """No plan fits: find the smallest peak any plan reaches (model.py Note 8)."""
+    from acopt.planning import floor
+
+    left = max(1.0, options.time_limit_s - (time.perf_counter() - started))
+    all_cands = frozenset(Formulation(profile).candidate_names)
+    start = min((frozenset(), all_cands), key=lambda p: simulate(profile, p).peak_bytes)
+    low = solve(profile, budget=None, make_backend=make_backend, time_limit_s=left, incumbent=start)
+    rule6 = floor(profile)
+    if low.status == OPTIMAL:
+        what = f"the smallest peak any plan reaches is {low.peak_bytes} bytes (proven)"
+    else:
+        lo = None if low.bound is None else math.ceil(low.bound)
+        what = f"the smallest peak any plan reaches is between {lo} and {low.peak_bytes} bytes"
+    message = (
+        f"no plan fits the budget of {budget_bytes} bytes (proven infeasible); {what}; "
+        f"the floor of memory model rule 6 (everything recomputed) is {rule6} bytes"
+    )
+    notes = [message, *notes, *low.notes, _size_note(out)]
+    plan = low.recompute if low.recompute is not None else start
+    return assemble_plan(
+        profile, plan, solver=solver, status=PlanStatus.INFEASIBLE, budget_bytes=budget_bytes, started=started,
+        bound=None, gap=None, options=options,
+        stats=SolverStats(
+            variables=out.size.variables, constraints=out.size.rows, objective=None, iterations=out.iterations,
+            build_time_s=out.build_time_s, notes=tuple(notes),
+        ),
+    )  # fmt: skip

@@ -1,0 +1,200 @@
+"""The ``ilp`` planner: the exact model of solvers/model.py, solved by PuLP's CBC.
+
+Same model, same lazy loop and same Plan as ``cpsat`` (solvers/exact.py); only
+the solver differs. Only PuLP's bundled CBC (``pulp.PULP_CBC_CMD``) is used:
+``pulp.HiGHS`` / ``highspy`` is never imported (it crashes beside OR-Tools' own
+HiGHS in one process).
+
+>>> plan = acopt.plan(profile, budget="60%", solver="ilp", time_limit_s=30)   # doctest: +SKIP
+>>> plan.status.value, plan.gap                                               # doctest: +SKIP
+('optimal', 0.0)
+
+CBC reads and writes files: each solve writes the model as an MPS file, so a
+lazy re-solve starts from scratch (with the incumbent as MIP start). Memory
+rows are written in bytes; CBC's tolerances can let a plan over the budget by a
+few bytes through, which the simulator check catches (a no-good cut, noted in
+the plan's stats). The objective is scaled so that CBC's printed bound has
+enough digits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import tempfile
+import warnings
+from collections.abc import Sequence
+
+from acopt.planning import Plan, PlannerSpec
+from acopt.records import Profile
+from solvers.model import BINARY, Formulation
+
+INSTALL = "pip install 'acopt[solvers]'"
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class IlpOptions:
+    """Options of the ``ilp`` planner.
+
+    ``time_limit_s``: wall-clock limit for the whole solve (the best plan so far
+    is returned with status ``time_limit``). ``threads``: CBC threads.
+    ``rel_gap``: stop when proven within this relative gap (status
+    ``feasible`` unless the gap closes). ``warm_start``: start from the greedy
+    plan (also its cost prunes chains, solvers/model.py Note 6). ``msg``: show
+    CBC's log.
+    """
+
+    time_limit_s: float = 60.0
+    threads: int = 2
+    rel_gap: float = 0.0
+    warm_start: bool = True
+    msg: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.time_limit_s > 0:
+            raise ValueError(f"time_limit_s must be positive, not {self.time_limit_s!r}")
+        if self.threads < 1:
+            raise ValueError(f"threads must be at least 1, not {self.threads!r}")
+        if not 0 <= self.rel_gap < 1:
+            raise ValueError(f"rel_gap must be in [0, 1), not {self.rel_gap!r}")
+
+
+def _import_pulp():
+    try:
+        import pulp
+    except ImportError as e:
+        raise ImportError(f"the 'ilp' planner needs PuLP: {INSTALL}") from e
+    return pulp
+
+
+def ilp(*, profile: Profile, budget_bytes: int, options: IlpOptions) -> Plan:
+    """Plan with the exact model solved by CBC (see the module docstring)."""
+    from solvers import exact
+
+    pulp = _import_pulp()
+    return exact.run(
+        profile=profile, budget_bytes=budget_bytes, options=options, solver="ilp",
+        make_backend=lambda f: PulpBackend(pulp, f, options),
+    )  # fmt: skip
+
+
+class PulpBackend:
+    """A PuLP problem that mirrors a Formulation; new rows are appended before each solve."""
+
+    def __init__(self, pulp, f: Formulation, options: IlpOptions):
+        self.pulp = pulp
+        self.f = f
+        self.options = options
+        self.prob = pulp.LpProblem("acopt", pulp.LpMinimize)
+        self.v: dict = {}
+        self.rows_done = 0
+        if f.peak_var is not None:
+            self.scale = 1.0 / 1024  # KiB: CBC prints 8 decimals
+        else:
+            total = sum(f.objective.values()) or 1.0
+            self.scale = 10.0 ** round(6 - math.log10(total))  # CBC prints %.8f
+        self.prob += pulp.LpAffineExpression([(self._var(v), c * self.scale) for v, c in f.objective.items()])
+
+    def _var(self, v: int):
+        got = self.v.get(v)
+        if got is None:
+            spec = self.f.vars[v]
+            cat = self.pulp.LpBinary if spec.kind == BINARY else self.pulp.LpContinuous
+            if hasattr(self.prob, "add_variable"):  # PuLP >= 3.3
+                got = self.prob.add_variable(f"v{v}", lowBound=spec.lb, upBound=spec.ub, cat=cat)
+            else:
+                got = self.pulp.LpVariable(f"v{v}", lowBound=spec.lb, upBound=spec.ub, cat=cat)
+            self.v[v] = got
+        return got
+
+    def _sync(self) -> None:
+        f, pulp = self.f, self.pulp
+        for j in range(self.rows_done, len(f.rows)):
+            row = f.rows[j]
+            expr = pulp.LpAffineExpression([(self._var(v), c) for v, c in row.terms])
+            if row.memory:
+                if f.peak_var is None:
+                    self.prob += (expr <= f.budget - row.const, f"c{j}")
+                else:
+                    self.prob += (expr - self._var(f.peak_var) <= -row.const, f"c{j}")
+            elif row.lo is not None and row.hi is not None and row.lo == row.hi:
+                self.prob += (expr == row.lo, f"c{j}")
+            else:
+                if row.lo is not None:
+                    self.prob += (expr >= row.lo, f"c{j}")
+                if row.hi is not None:
+                    self.prob += (expr <= row.hi, f"c{j}h")
+        self.rows_done = len(f.rows)
+
+    def solve(self, *, time_limit_s: float, hint: Sequence[float] | None):
+        from solvers.exact import FEASIBLE, INFEASIBLE, OPTIMAL, UNKNOWN, Solved
+
+        pulp = self.pulp
+        self._sync()
+        warm = self.options.warm_start and hint is not None
+        for v, var in self.v.items():
+            var.varValue = None
+            if warm:
+                val = hint[v]
+                var.setInitialValue(round(val) if self.f.vars[v].kind == BINARY else val, check=False)
+        fd, log = tempfile.mkstemp(suffix=".log", prefix="acopt_cbc_")
+        os.close(fd)
+        try:
+            with warnings.catch_warnings():
+                # PuLP 3.3 deprecates the bundled CBC for 4.0; it is the one we want
+                warnings.simplefilter("ignore", DeprecationWarning)
+                solver = pulp.PULP_CBC_CMD(
+                    msg=self.options.msg, timeLimit=max(1, math.ceil(time_limit_s)), threads=self.options.threads,
+                    gapRel=self.options.rel_gap, warmStart=warm, logPath=log,
+                )  # fmt: skip
+                self.prob.solve(solver)
+            with open(log) as fh:
+                text = fh.read()
+        finally:
+            os.unlink(log)
+        sol = self.prob.sol_status
+        if self.prob.status == pulp.LpStatusInfeasible or sol == pulp.LpSolutionInfeasible:
+            return Solved(status=INFEASIBLE, x=None, objective=None, bound=None)
+        bound = _parse(text, "Lower bound:")
+        objective = _parse(text, "Objective value:")
+        if sol == pulp.LpSolutionOptimal and "Stopped on" not in text:
+            status = OPTIMAL
+        elif sol in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
+            status = FEASIBLE
+        else:
+            return Solved(status=UNKNOWN, x=None, objective=None, bound=None if bound is None else bound / self.scale)
+        x = [0.0] * len(self.f.vars)
+        for v, var in self.v.items():
+            val = var.value()
+            x[v] = 0.0 if val is None else float(val)
+        if status == OPTIMAL and bound is None:
+            bound = objective
+        return Solved(
+            status=status, x=x,
+            objective=None if objective is None else objective / self.scale,
+            bound=None if bound is None else bound / self.scale,
+        )  # fmt: skip
+
+
+def _parse(text: str, label: str) -> float | None:
+    m = re.search(re.escape(label) + r"\s*([-+0-9.eE]+)", text)
+    if not m:
+        return None
+    try:
+        val = float(m.group(1))
+    except ValueError:
+        return None
+    return val if math.isfinite(val) else None
+
+
+SPEC = PlannerSpec(
+    name="ilp",
+    planner=ilp,
+    options_type=IlpOptions,
+    exact=True,
+    requires=("pulp",),
+    install=INSTALL,
+    description="exact: mixed-integer model of the memory model, lazy block rows, CBC (PuLP)",
+)
