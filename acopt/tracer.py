@@ -213,6 +213,7 @@ def trace(
     gm, state_slots, grad_params, marks = traced
     _tag_regions(gm, marks)
     _drop_noise(gm)
+    _functional_bernoulli(gm)
     _outplace_forward_mutations(gm)
     step = TracedStep(
         graph_module=gm,
@@ -529,12 +530,49 @@ def _functional_variant(target: torch._ops.OpOverload):
     return getattr(functional, overload, None) if functional is not None else None
 
 
+def _functional_bernoulli(gm: fx.GraphModule) -> None:
+    """``bernoulli_(empty_like(x), p)`` (dropout's mask on CPU) -> ``bernoulli(x, p)``.
+
+    ATen implements ``bernoulli.p`` as exactly that pair for a contiguous
+    ``x``: the same numbers from the same generator draws. The mask becomes a
+    random op's fresh value, which a recompute block can replay (with the
+    generator state restored) instead of keeping.
+    """
+    aten = torch.ops.aten
+    changed = False
+    for n in list(gm.graph.nodes):
+        if n.target is not aten.bernoulli_.float or n.meta.get(REGION_KEY) != Region.FORWARD:
+            continue
+        e = n.args[0]
+        if not isinstance(e, fx.Node) or e.target is not aten.empty_like.default or len(e.users) != 1:
+            continue
+        x = e.args[0]
+        val = x.meta.get("val") if isinstance(x, fx.Node) else None
+        if not isinstance(val, torch.Tensor) or not val.is_contiguous():
+            continue
+        if any(v is not None for k, v in e.kwargs.items() if k != "memory_format") or e.kwargs.get(
+            "memory_format"
+        ) not in (None, torch.preserve_format, torch.contiguous_format):
+            continue
+        if n.kwargs.get("generator") is not None:
+            continue
+        p = n.args[1] if len(n.args) > 1 else n.kwargs.get("p", 0.5)
+        n.target = aten.bernoulli.p
+        n.args = (x, p)
+        n.kwargs = {}
+        gm.graph.erase_node(e)
+        changed = True
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+
+
 def _outplace_forward_mutations(gm: fx.GraphModule) -> None:
     """Turn forward in-place ops on fresh forward temporaries into their
     out-of-place forms (``hidden += residual`` -> ``add``), where nothing reads
     the old value afterwards. Same numbers; the result becomes a value of its
-    own, so the memory model can recompute what depends on it. Random ops are
-    left alone (their generator use must not change).
+    own, so the memory model can recompute what depends on it. Random
+    in-place ops are left alone (their generator use must not change).
     """
     nodes = list(gm.graph.nodes)
     index = {n: i for i, n in enumerate(nodes)}
@@ -553,7 +591,7 @@ def _outplace_forward_mutations(gm: fx.GraphModule) -> None:
         x = n.args[0] if n.args else None
         if not isinstance(x, fx.Node) or x.op != "call_function" or x.meta.get(REGION_KEY) != Region.FORWARD:
             continue
-        if _returns_alias(x) or torch.Tag.nondeterministic_seeded in getattr(x.target, "tags", ()):
+        if _returns_alias(x):
             continue
         functional = _functional_variant(t)
         if functional is None:
