@@ -120,13 +120,19 @@ class _Blocks:
                 self.always.add(n.name)
         self.aliases = model.aliases
         self.recomputed: set[str] = set()
+        self.picks = 0
         self.members: dict[str, set[str]] = {}
+        self.added: dict[str, list[tuple[int, str]]] = {}  # (pick count when added, node), in order
         self.sources: dict[str, set[str]] = {}
         self.block_time: dict[str, float] = {}
+        self.position: dict[str, int] = {}
         self.readers: dict[str, set[str]] = {c: set() for c in self.candidates}  # storage -> candidates
+        index, later = profile.node_index, model.later_users
         for c in self.candidates:
-            outputs = model.block(c, frozenset({c})).outputs
+            outputs = [v for v in self.aliases[c] if later.get(v)]  # as MemoryModel.block
+            self.position[c] = min(index[u] for v in outputs for u in later[v])
             self.members[c] = set()
+            self.added[c] = []
             self.sources[c] = set()
             self.block_time[c] = 0.0
             self._grow(c, outputs)
@@ -136,6 +142,7 @@ class _Blocks:
         return the time and the number of nodes added."""
         members, sources, inputs = self.members[c], self.sources[c], self.inputs
         always, never, watch, recomputed, readers = self.always, self.never, self.watch, self.recomputed, self.readers
+        history, when = self.added[c], self.picks
         added, count = 0.0, 0
         stack = [v for v in starts if v not in members]
         while stack:
@@ -143,6 +150,7 @@ class _Blocks:
             if v in members:
                 continue
             members.add(v)
+            history.append((when, v))
             sources.discard(v)
             added += self.time[v]
             count += 1
@@ -165,6 +173,7 @@ class _Blocks:
         """Recompute ``p`` and grow the blocks that read it. Returns the grown
         candidates, and the time and nodes added to the blocks of earlier picks."""
         self.recomputed.add(p)
+        self.picks += 1
         grown, added_time, added_nodes = [], 0.0, 0
         aliases = self.aliases[p]
         for c in sorted(self.readers.pop(p, ())):
@@ -181,15 +190,25 @@ class _Blocks:
         return grown, added_time, added_nodes
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _PrefixBlock:
+    """What the simulator's fast path reads of a block."""
+
+    activation: str
+    position: int
+    nodes: tuple[str, ...]
+
+
 class _Greedy:
     """The pick order, computed lazily: only as far as the stop needs (Note G2)."""
 
     def __init__(self, profile: Profile, *, min_time_s: float):
-        self.blocks = _Blocks(profile, memory_model(profile))
+        self.blocks_ = _Blocks(profile, memory_model(profile))
+        self.index = profile.node_index
         self.sizes = {s.name: s.bytes for s in profile.storages}
-        self.rank = {c: i for i, c in enumerate(self.blocks.candidates)}
+        self.rank = {c: i for i, c in enumerate(self.blocks_.candidates)}
         self.min_time_s = min_time_s
-        self.heap = [(*self._key(c), c) for c in self.blocks.candidates]
+        self.heap = [(*self._key(c), c) for c in self.blocks_.candidates]
         heapq.heapify(self.heap)
         self.order: list[str] = []
         self.ratios: list[float] = []
@@ -200,16 +219,16 @@ class _Greedy:
         self._steps = len(profile.nodes)
 
     def _key(self, c: str) -> tuple[float, int]:
-        ratio = self.sizes[c] / max(self.blocks.block_time[c], self.min_time_s)
+        ratio = self.sizes[c] / max(self.blocks_.block_time[c], self.min_time_s)
         return (-float(f"{ratio:.12g}"), self.rank[c])  # Note G3
 
     @property
     def n(self) -> int:
-        return len(self.blocks.candidates)
+        return len(self.blocks_.candidates)
 
     def extend(self, k: int) -> None:
         """Make the first ``min(k, n)`` picks."""
-        blocks, heap = self.blocks, self.heap
+        blocks, heap = self.blocks_, self.heap
         while len(self.order) < k and heap:
             neg_ratio, rank, c = heapq.heappop(heap)
             if c in blocks.recomputed or (neg_ratio, rank) != self._key(c):
@@ -229,6 +248,17 @@ class _Greedy:
     def prefix(self, k: int) -> tuple[str, ...]:
         self.extend(k)
         return tuple(self.order[:k])
+
+    def blocks(self, k: int) -> list[_PrefixBlock]:
+        """``MemoryModel.block(a, R_k)`` for each ``a`` of the first ``k`` picks
+        (``R_k``), from the growth history: a block's nodes under ``R_k`` are the
+        ones added before the (k+1)-th pick (blocks only grow, Note G1)."""
+        self.extend(k)
+        index, out = self.index, []
+        for a in self.order[:k]:
+            nodes = [v for when, v in self.blocks_.added[a] if when <= k]
+            out.append(_PrefixBlock(activation=a, position=self.blocks_.position[a], nodes=tuple(sorted(nodes, key=index.__getitem__))))
+        return out
 
     def result(self) -> PickOrder:
         return PickOrder(
@@ -251,7 +281,7 @@ def _shortest_fitting_prefix(profile: Profile, g: _Greedy, budget_bytes: int, se
 
     def fits(k: int) -> bool:
         if k not in known:
-            known[k] = peak_bytes(profile, g.prefix(k)) <= budget_bytes
+            known[k] = peak_bytes(profile, g.prefix(k), blocks=g.blocks(k)) <= budget_bytes
         return known[k]
 
     n = g.n
@@ -283,14 +313,19 @@ def _shortest_fitting_prefix(profile: Profile, g: _Greedy, budget_bytes: int, se
                     lo = mid
             k = hi
     if k is None:
-        raise ValueError(f"no prefix of the pick order fits {budget_bytes} bytes (is the budget below the floor?)")
+        check_budget(profile, budget_bytes)  # raises InfeasibleBudget: below the floor
+        raise ValueError(f"no prefix of the pick order fits {budget_bytes} bytes")  # pragma: no cover
     return k, len(known)
 
 
 def greedy(*, profile: Profile, budget_bytes: int, options: GreedyOptions) -> Plan:
-    """The greedy planner (registered as ``"greedy"``)."""
+    """The greedy planner (registered as ``"greedy"``).
+
+    Called directly (not through :func:`acopt.plan`), it skips the floor check
+    and returns the shortest fitting prefix even below the floor; when no
+    prefix fits it raises :class:`~acopt.planning.InfeasibleBudget`.
+    """
     started = time.perf_counter()
-    check_budget(profile, budget_bytes)
     g = _Greedy(profile, min_time_s=options.min_time_s)
     k, sims = _shortest_fitting_prefix(profile, g, budget_bytes, options.search)
     return assemble_plan(

@@ -46,7 +46,7 @@ from typing import Any, Protocol
 
 from acopt.records import Profile, Region
 from acopt.schedule import InvalidPlan
-from acopt.simulator import Simulation, memory_model, simulate
+from acopt.simulator import Simulation, memory_model, peak_bytes, simulate
 from acopt.simulator import _facts as _profile_facts
 from acopt.units import format_bytes, parse_bytes
 
@@ -230,17 +230,15 @@ def profile_fingerprint(profile: Profile) -> str:
     """
     facts = _profile_facts(profile)
     if facts.fingerprint is None:
-        h = hashlib.sha256()
-        for n in profile.nodes:
-            h.update(
-                json.dumps(
-                    [n.name, n.op, n.region.value, n.inputs, n.storages, n.allocates, n.mutates,
-                     n.recomputable, n.replay, n.random, n.temp_bytes]
-                ).encode()
-            )  # fmt: skip
-        for s in profile.storages:
-            h.update(json.dumps([s.name, s.bytes, s.node]).encode())
-        facts.fingerprint = h.hexdigest()[:16]
+        # repr of tuples of str/int/bool is canonical and much faster than JSON
+        text = repr(
+            (
+                [(n.name, n.op, n.region.value, n.inputs, n.storages, n.allocates, n.mutates,
+                  n.recomputable, n.replay, n.random, n.temp_bytes) for n in profile.nodes],
+                [(s.name, s.bytes, s.node) for s in profile.storages],
+            )
+        )  # fmt: skip
+        facts.fingerprint = hashlib.sha256(text.encode()).hexdigest()[:16]
     return facts.fingerprint
 
 
@@ -270,13 +268,7 @@ class InfeasibleBudget(ValueError):
 
 def no_recompute_peak(profile: Profile) -> int:
     """The simulated peak of the empty plan (equals ``profile.peak_bytes`` when measured)."""
-    return simulate(profile, frozenset()).peak_bytes
-
-
-def _floor_simulation(profile: Profile) -> Simulation:
-    everything = simulate(profile, memory_model(profile).candidates)
-    empty = simulate(profile, frozenset())
-    return everything if everything.peak_bytes <= empty.peak_bytes else empty
+    return peak_bytes(profile, frozenset())
 
 
 def floor(profile: Profile) -> int:
@@ -286,9 +278,17 @@ def floor(profile: Profile) -> int:
     recomputed; or the no-recompute peak, in the rare profile where
     recomputing everything raises the peak above it (a backward peak that
     recompute blocks make higher). A budget below it raises
-    :class:`InfeasibleBudget`.
+    :class:`InfeasibleBudget`. Costs one simulation of the every-candidate
+    schedule (fast path), cached per profile.
     """
-    return _floor_simulation(profile).peak_bytes
+    everything = frozenset(memory_model(profile).candidates)
+    return min(peak_bytes(profile, everything), peak_bytes(profile, frozenset()))
+
+
+def _floor_simulation(profile: Profile) -> Simulation:
+    everything = simulate(profile, memory_model(profile).candidates)
+    empty = simulate(profile, frozenset())
+    return everything if everything.peak_bytes <= empty.peak_bytes else empty
 
 
 _REGION_WORDS = {Region.FORWARD: "forward pass", Region.BACKWARD: "backward pass", Region.OPTIMIZER: "optimizer step"}
@@ -296,9 +296,9 @@ _REGION_WORDS = {Region.FORWARD: "forward pass", Region.BACKWARD: "backward pass
 
 def check_budget(profile: Profile, budget_bytes: int) -> None:
     """Raise :class:`InfeasibleBudget` if ``budget_bytes`` is below :func:`floor`."""
-    sim = _floor_simulation(profile)
-    if budget_bytes >= sim.peak_bytes:
+    if budget_bytes >= floor(profile):
         return
+    sim = _floor_simulation(profile)  # the full simulation, for where the peak sits
     where = sim.peak_node
     if sim.peak_block is not None:
         where += f" in the recompute block for {sim.peak_block}"

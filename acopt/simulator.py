@@ -46,7 +46,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from acopt.records import Profile, Region
-from acopt.schedule import MemoryModel, Schedule
+from acopt.schedule import Block, MemoryModel, Schedule
 from acopt.units import format_bytes
 
 ValueRef = tuple[str, str | None]
@@ -113,7 +113,9 @@ _NODE, _PLACEHOLDER, _OUTPUT = 0, 1, 2
 class _Facts:
     """What the simulator and planners reuse across calls for one profile."""
 
-    __slots__ = ("model", "sims", "pinned", "peaks", "fingerprint", "node_info", "storage_bytes", "__weakref__")
+    __slots__ = (
+        "model", "sims", "pinned", "peaks", "fingerprint", "node_info", "storage_bytes", "delta", "__weakref__",
+    )  # fmt: skip
 
     def __init__(self, profile: Profile):
         self.model = MemoryModel(profile)
@@ -131,6 +133,7 @@ class _Facts:
             for n in profile.nodes
         }  # fmt: skip
         self.storage_bytes = {s.name: s.bytes for s in profile.storages}
+        self.delta: _Delta | None = None  # the fast path, built on first use
 
 
 _FACTS: dict[int, tuple[weakref.ref, _Facts]] = {}
@@ -204,9 +207,15 @@ def simulate(profile: Profile, plan_or_recompute: Any = ()) -> Simulation:
     return sim
 
 
-def peak_bytes(profile: Profile, recompute: Any) -> int:
-    """``simulate(profile, recompute).peak_bytes`` without the event log and the
-    :class:`Simulation`: what a planner's search needs. Cached per profile."""
+def peak_bytes(profile: Profile, recompute: Any, *, blocks: Iterable[Block] | None = None) -> int:
+    """``simulate(profile, recompute).peak_bytes``, fast: no schedule, no event log.
+
+    Computed by the fast path (:class:`_Delta`): the empty plan's timeline plus
+    what the plan changes, so its cost grows with the plan's blocks rather than
+    the graph. What a planner's search needs. Cached per profile. A planner
+    that maintains the plan's blocks (``MemoryModel.block(a, recompute)`` for
+    each ``a``) may pass them.
+    """
     recompute = as_recompute(recompute)
     facts = _facts(profile)
     hit = facts.pinned.get(recompute) or facts.sims.get(recompute)
@@ -214,11 +223,15 @@ def peak_bytes(profile: Profile, recompute: Any) -> int:
         return hit.peak_bytes
     peak = facts.peaks.get(recompute)
     if peak is None:
-        timeline, _, _ = _measure(facts, facts.model.schedule(recompute))
-        peak = max(timeline, default=0)
+        timeline = _delta(profile).timeline(recompute, blocks)
+        peak = int(timeline.max()) if len(timeline) else 0
         facts.peaks[recompute] = peak
         if len(facts.peaks) > _PEAK_CACHE_SIZE:
-            facts.peaks.popitem(last=False)
+            pinned = (frozenset(), frozenset(facts.model.candidates))  # the floor's: every plan() needs them
+            for old in list(facts.peaks):
+                if old not in pinned:
+                    del facts.peaks[old]
+                    break
     else:
         facts.peaks.move_to_end(recompute)
     return peak
@@ -383,3 +396,245 @@ def _events(
     events.sort(key=lambda e: (e.step, order[e.kind], e.block or "", e.message))
     return tuple(events)
 
+
+
+# ---- the fast path: the same timeline, from the empty plan's plus what a plan changes ----
+class _Delta:
+    """Exact timelines of plans, computed as the empty plan's plus the changes.
+
+    See docs/memory-model.md, "The fast path". A plan changes the storage
+    instances of few values only: the forward aliases of recomputed
+    activations (they lose their backward reads), the sources of blocks (they
+    gain reads), the replayed values, and backward aliases that now inherit a
+    rebuilt copy. Every other storage keeps its empty-plan interval, whose
+    bytes are precomputed per step (``base``) and per gap between steps
+    (``cross``: what a block inserted in that gap sees). So a plan costs
+    O(its blocks + the aliases it touches) in Python and O(steps) in numpy,
+    instead of O(steps) in Python. The blocks and the ``rebuilt`` rule mirror
+    :meth:`MemoryModel.schedule`; tests/test_simulator.py checks that this
+    path and :func:`simulate` agree step for step.
+    """
+
+    def __init__(self, profile: Profile, facts: _Facts):
+        import numpy as np
+
+        self.np = np
+        model = facts.model
+        self.model = model
+        nodes = profile.nodes
+        n = len(nodes)
+        self.n = n
+        self.index = index = profile.node_index
+        self.node = profile.node_by_name
+        self.forward = {v.name for v in nodes if v.region == Region.FORWARD}
+        self.bytes = facts.storage_bytes
+        self.creator_index = {s.name: index[s.node] for s in profile.storages}
+        users = profile.users
+        self.later_users = {
+            v: tuple(u for u in users[v] if u not in self.forward) for v in self.forward
+        }  # forward value -> its readers outside the forward region
+        self.fw_last = {
+            v: max((index[u] for u in users[v] if u in self.forward), default=index[v]) for v in self.forward
+        }
+        # Empty-plan value ends (original step indices), as _measure counts them.
+        last = n - 1
+        end0 = {}
+        for v in nodes:
+            if not v.storages:
+                continue
+            if v.is_placeholder or any(self.node[u].is_output for u in users[v.name]):
+                end0[v.name] = last
+            else:
+                end0[v.name] = max((index[u] for u in users[v.name]), default=index[v.name])
+        self.end0 = end0
+        self.aliases = model.aliases
+        storage_end = {}
+        for s, refs in self.aliases.items():
+            storage_end[s] = max([self.creator_index[s], *(end0[v] for v in refs)])
+        self.storage_end = storage_end
+        base = np.zeros(n + 1, dtype=np.int64)
+        cross = np.zeros(n + 2, dtype=np.int64)
+        for s, e in storage_end.items():
+            c, b = self.creator_index[s], self.bytes[s]
+            base[c] += b
+            base[e + 1] -= b
+            cross[c + 1] += b  # alive in the gaps before c+1 .. e
+            cross[e + 1] -= b
+        self.base = np.cumsum(base)[:n]
+        self.cross = np.cumsum(cross)[: n + 1]
+        self.temp = np.array([v.temp_bytes for v in nodes], dtype=np.int64)
+        self.fixed = model.placeholder_storages | model.output_storages  # live to the end in every plan
+        # Backward values that refer to a storage they do not allocate inherit
+        # it from what they read: the readers that may inherit a rebuilt copy.
+        self.alias_readers = {
+            v.name: tuple(u for u in users[v.name] if u not in self.forward and self._aliasing(u))
+            for v in nodes
+        }
+
+    def _aliasing(self, name: str) -> bool:
+        v = self.node[name]
+        return bool(v.storages) and not set(v.storages) <= set(v.allocates) and not v.is_output
+
+    def timeline(self, recompute: frozenset[str], blocks: Iterable[Block] | None = None):
+        """The plan's timeline (numpy int64, one entry per schedule step).
+
+        ``blocks``, if given, must be ``MemoryModel.block(a, recompute)`` for
+        every ``a`` in ``recompute`` (a planner that maintains them saves the
+        walk); only their ``activation``, ``position`` and ``nodes`` are used.
+        """
+        np = self.np
+        model, index, node, forward = self.model, self.index, self.node, self.forward
+        n = self.n
+        key = lambda b: (b.position, self.creator_index[b.activation], b.activation)  # noqa: E731
+        if blocks is None:
+            blocks = [model.block(a, recompute) for a in model.check_plan(recompute)]
+        blocks = sorted(blocks, key=key)
+        rebuilt: dict[str, str] = {}
+        for b in blocks:
+            for v in self.aliases[b.activation]:
+                if v in forward:
+                    rebuilt[v] = b.activation
+
+        # Global step index of each original node and each replayed value.
+        inserted = np.zeros(n + 1, dtype=np.int64)
+        for b in blocks:
+            inserted[b.position] += len(b.nodes)
+        g = (np.arange(n, dtype=np.int64) + np.cumsum(inserted)[:n]).tolist()
+        size = n + int(inserted.sum())
+        end_step = size - 1
+
+        def g_end(i: int) -> int:  # original index -> global, the last index meaning the end
+            return end_step if i == n - 1 else g[i]
+
+        at: dict[tuple[str, str], int] = {}
+        block_steps: list[int] = []
+        block_pos: list[int] = []
+        block_temp: list[int] = []
+        pending_at: dict[int, int] = {}
+        for b in blocks:
+            first = g[b.position] - int(inserted[b.position]) + pending_at.get(b.position, 0)
+            pending_at[b.position] = pending_at.get(b.position, 0) + len(b.nodes)
+            for j, v in enumerate(b.nodes):
+                at[(v, b.activation)] = first + j
+                block_steps.append(first + j)
+                block_pos.append(b.position)
+                block_temp.append(node[v].temp_bytes)
+
+        # Ends of the value instances whose reads change, and their storage references.
+        ends: dict[tuple[str, str | None], int] = {}
+        refs: dict[tuple[str, str | None], list[tuple[str, str | None]]] = {}
+        created: dict[tuple[str, str], int] = {}
+        source_end: dict[str, int] = {}
+        for b in blocks:
+            a = b.activation
+            members = set(b.nodes)
+            for v in b.nodes:
+                t = at[(v, a)]
+                rec = node[v]
+                for x in rec.inputs:
+                    if x in members:
+                        key_x = (x, a)
+                        if ends.get(key_x, -1) < t:
+                            ends[key_x] = t
+                    elif source_end.get(x, -1) < t:
+                        source_end[x] = t
+                value = (v, a)
+                if ends.get(value, -1) < t:
+                    ends[value] = t
+                if rebuilt.get(v) == a:
+                    for u in self.later_users[v]:
+                        e = end_step if node[u].is_output else g[index[u]]
+                        if ends[value] < e:
+                            ends[value] = e
+                mine = []
+                for s in rec.storages:
+                    if s in rec.allocates:
+                        created[(s, a)] = t
+                        mine.append((s, a))
+                    else:
+                        mine.append(self._inherit(s, [(x, a) if x in members else (x, None) for x in rec.inputs], refs, created, a))
+                refs[value] = mine
+
+        # Backward aliases that inherit from rebuilt values (directly or through other such aliases).
+        inheriting: set[str] = set()
+        stack = [u for x in rebuilt for u in self.alias_readers[x]]
+        while stack:
+            u = stack.pop()
+            if u not in inheriting:
+                inheriting.add(u)
+                stack.extend(self.alias_readers[u])
+        for y in sorted(inheriting, key=index.__getitem__):
+            rec = node[y]
+            reads = [(x, rebuilt.get(x)) if x in forward else (x, None) for x in rec.inputs]
+            refs[(y, None)] = [(s, None) if s in rec.allocates else self._inherit(s, reads, refs, created, None)
+                               for s in rec.storages]  # fmt: skip
+
+        # Original storages whose interval changes.
+        touched: set[str] = set()
+        for x in rebuilt:
+            touched.update(node[x].storages)
+        for x in source_end:
+            touched.update(node[x].storages)
+        for value, rs in refs.items():
+            touched.update(s for s, blk in rs)
+        touched -= self.fixed
+        delta = np.zeros(size + 1, dtype=np.int64)
+        base_fix = np.zeros(n + 1, dtype=np.int64)
+        cross_fix = np.zeros(n + 2, dtype=np.int64)
+        instance_end: dict[tuple[str, str | None], int] = {}
+        for (v, blk), rs in refs.items():
+            e = ends[(v, blk)] if blk is not None else g_end(self.end0[v])
+            for inst in rs:
+                if instance_end.get(inst, -1) < e:
+                    instance_end[inst] = e
+        for s in touched:
+            c, b, e0 = self.creator_index[s], self.bytes[s], self.storage_end[s]
+            base_fix[c] -= b
+            base_fix[e0 + 1] += b
+            cross_fix[c + 1] -= b
+            cross_fix[e0 + 1] += b
+            end = max(g[c], instance_end.get((s, None), -1))
+            for v in self.aliases[s]:
+                if v in forward or node[v].is_placeholder:
+                    if v in rebuilt:
+                        e = g[self.fw_last[v]]
+                    else:
+                        e = g_end(self.end0[v])
+                        if v in source_end:
+                            e = max(e, source_end[v])
+                elif v in inheriting:
+                    continue  # counted through instance_end, to whichever copy it refers
+                else:
+                    e = g_end(self.end0[v])
+                if e > end:
+                    end = e
+            delta[g[c]] += b
+            delta[end + 1] -= b
+        for inst, t0 in created.items():
+            b = self.bytes[inst[0]]
+            delta[t0] += b
+            delta[max(t0, instance_end.get(inst, t0)) + 1] -= b
+
+        out = np.empty(size, dtype=np.int64)
+        out[g] = self.base + np.cumsum(base_fix)[:n] + self.temp
+        if block_steps:
+            cross = self.cross + np.cumsum(cross_fix)[: n + 1]
+            out[block_steps] = cross[block_pos] + np.asarray(block_temp, dtype=np.int64)
+        out += np.cumsum(delta)[:size]
+        return out
+
+    def _inherit(self, s, reads, refs, created, block):
+        for r in reads:
+            for inst in refs.get(r, ((t, None) for t in self.node[r[0]].storages) if r[1] is None else ()):
+                if inst[0] == s:
+                    return inst
+        if block is not None and (s, block) in created:
+            return (s, block)
+        return (s, None)
+
+
+def _delta(profile: Profile) -> _Delta:
+    facts = _facts(profile)
+    if facts.delta is None:
+        facts.delta = _Delta(profile, facts)
+    return facts.delta

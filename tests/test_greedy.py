@@ -16,7 +16,7 @@ import acopt
 from acopt.greedy import GreedyOptions, _Blocks, _Greedy, _shortest_fitting_prefix, pick_order
 from acopt.planning import InfeasibleBudget, PlanStatus, floor, no_recompute_peak, plan
 from acopt.schedule import MemoryModel
-from acopt.simulator import simulate
+from acopt.simulator import peak_bytes, simulate
 from tests.strategies import chain_profile, profiles, residual_profile
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,6 +81,22 @@ def test_incremental_blocks_are_the_memory_models_blocks(profile, rnd):
             assert blocks.members[c] == set(expected.nodes), (p, c)
             assert blocks.sources[c] == set(expected.sources), (p, c)
             assert blocks.block_time[c] == pytest.approx(expected.time_s, rel=1e-9, abs=1e-15)
+
+
+@settings(max_examples=30)
+@given(profiles(max_forward=12, max_backward=8))
+def test_prefix_blocks_from_the_growth_history(profile):
+    """The blocks the search hands the simulator's fast path for prefix k are
+    MemoryModel.block(a, R_k), for every k."""
+    model = MemoryModel(profile)
+    g = _Greedy(profile, min_time_s=1e-12)
+    g.extend(g.n)
+    for k in range(g.n + 1):
+        recompute = frozenset(g.order[:k])
+        for b in g.blocks(k):
+            expected = model.block(b.activation, recompute)
+            assert (b.nodes, b.position) == (expected.nodes, expected.position)
+        assert peak_bytes(profile, recompute, blocks=g.blocks(k)) == simulate(profile, recompute).peak_bytes
 
 
 @given(profiles())
@@ -174,12 +190,27 @@ def test_options_are_checked():
         GreedyOptions(min_time_s=0.0)
 
 
-def test_direct_call_below_the_floor_raises():
+def test_direct_call_skips_the_floor_check_but_never_returns_a_plan_that_does_not_fit():
     from acopt.greedy import greedy
 
     profile = chain_profile(3)
-    with pytest.raises(InfeasibleBudget):
-        greedy(profile=profile, budget_bytes=floor(profile) - 1, options=GreedyOptions())
+    with pytest.raises(InfeasibleBudget):  # nothing fits
+        greedy(profile=profile, budget_bytes=100, options=GreedyOptions())
+
+
+@given(profiles(), st.data())
+def test_direct_calls_fit_whenever_a_prefix_does(profile, data):
+    from acopt.greedy import greedy
+
+    budget = data.draw(st.integers(0, no_recompute_peak(profile)), label="budget")
+    order = pick_order(profile).order
+    fitting = [k for k in range(len(order) + 1) if simulate(profile, order[:k]).peak_bytes <= budget]
+    if not fitting:
+        with pytest.raises(InfeasibleBudget):
+            greedy(profile=profile, budget_bytes=budget, options=GreedyOptions(search="linear"))
+        return
+    result = greedy(profile=profile, budget_bytes=budget, options=GreedyOptions(search="linear"))
+    assert result.recompute == frozenset(order[: fitting[0]]) and result.fits
 
 
 def test_lazy_order_stops_early():

@@ -7,10 +7,10 @@ from hypothesis import given, note
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from acopt.planning import assemble_plan, PlanStatus
+from acopt.planning import PlanStatus, assemble_plan
 from acopt.records import Region
 from acopt.schedule import InvalidPlan, MemoryModel
-from acopt.simulator import EventKind, simulate
+from acopt.simulator import EventKind, _delta, peak_bytes, simulate
 from tests.strategies import _Builder, chain_profile, plans, profiles, profiles_and_plans
 
 F, B, O = Region.FORWARD, Region.BACKWARD, Region.OPTIMIZER
@@ -78,6 +78,16 @@ def test_simulator_equals_brute_force(case):
     model = MemoryModel(profile)
     assert sim.recompute_time_s == pytest.approx(sum(model.block(a, recompute).time_s for a in recompute))
     assert sim.recompute_time_s >= 0
+
+
+@given(profiles_and_plans())
+def test_fast_path_equals_the_schedule_walk(case):
+    """peak_bytes() (the empty plan's timeline plus the plan's changes) gives
+    the full simulation's timeline, step for step."""
+    profile, recompute = case
+    fast = _delta(profile).timeline(recompute)
+    assert fast.tolist() == list(simulate(profile, recompute).timeline)
+    assert peak_bytes(profile, recompute) == simulate(profile, recompute).peak_bytes
 
 
 @given(profiles())
@@ -277,6 +287,7 @@ class PlanEditing(RuleBasedStateMachine):
     def agrees_with_brute_force(self):
         sim = simulate(self.profile, self.plan)
         assert list(sim.timeline) == brute_force_timeline(self.profile, frozenset(self.plan))
+        assert _delta(self.profile).timeline(frozenset(self.plan)).tolist() == list(sim.timeline)
         blocks = [self.model.block(a, frozenset(self.plan)) for a in self.plan]
         assert sim.recompute_time_s == pytest.approx(sum(b.time_s for b in blocks))
         assert {b.activation for b in sim.schedule.blocks} == self.plan
