@@ -224,3 +224,48 @@ def test_lazy_order_stops_early():
     k, sims = _shortest_fitting_prefix(profile, g, budget, "bisect")
     assert 0 < k < len(g.order) < g.n  # only the picks the search looked at were made
     assert acopt.plan(profile, budget=budget).recompute == frozenset(full[:k])
+
+
+def worked_example():
+    """docs/memory-model.md, "A worked example"."""
+    from tests.strategies import _Builder, B, F, O
+
+    b = _Builder()
+    for name, nbytes in (("x", 100), ("w", 10)):
+        b.node(name, "placeholder", F, storages=(name,), allocates=(name,))
+        b.alloc(name, nbytes, name)
+
+    def op(name, region, inputs, nbytes, time_s=0.0):
+        b.node(name, name, region, inputs=inputs, storages=(name,), allocates=(name,), time_s=time_s)
+        b.alloc(name, nbytes, name)
+
+    op("a", F, ("x", "w"), 400, 2e-3)
+    op("b", F, ("a",), 400, 1e-3)
+    op("loss", F, ("b",), 4)
+    op("gb", B, ("loss", "b"), 100)
+    op("ga", B, ("gb", "a"), 100)
+    op("gw", B, ("ga", "x"), 10)
+    b.node("step", "add_", O, inputs=("w", "gw"), storages=("w",), mutates=("w",), recomputable=False)
+    b.node("output", "output", O, inputs=("loss",))
+    return b.profile()
+
+
+def test_the_worked_example_in_the_docs():
+    profile = worked_example()
+    assert MemoryModel(profile).candidates == ("a", "b")
+    table = {
+        (): [100, 110, 510, 910, 914, 1014, 714, 224, 124, 114],
+        ("a",): [100, 110, 510, 910, 514, 614, 614, 714, 224, 124, 114],
+        ("b",): [100, 110, 510, 910, 914, 914, 1014, 714, 224, 124, 114],
+        ("a", "b"): [100, 110, 510, 910, 514, 514, 914, 614, 614, 714, 224, 124, 114],
+    }
+    for recompute, timeline in table.items():
+        assert list(simulate(profile, recompute).timeline) == timeline, recompute
+    assert [simulate(profile, r).recompute_time_s for r in table] == pytest.approx([0, 2e-3, 1e-3, 5e-3])
+    assert floor(profile) == 914
+    picks = pick_order(profile)
+    assert picks.order == ("b", "a") and picks.total_times_s == pytest.approx((1e-3, 5e-3))
+    assert plan(profile, budget=1000).recompute == {"a", "b"}
+    with pytest.raises(InfeasibleBudget, match=r"below the floor 914 B .* at b in the recompute block for b"):
+        plan(profile, budget=912)
+    assert plan(profile, budget=1014).recompute == frozenset()
