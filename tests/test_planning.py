@@ -11,7 +11,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import acopt
 from acopt import planning
 from acopt.planning import (
     InfeasibleBudget,
