@@ -46,7 +46,7 @@ from typing import Any, Protocol
 
 from acopt.records import Profile, Region
 from acopt.schedule import InvalidPlan
-from acopt.simulator import Simulation, memory_model, peak_bytes, simulate
+from acopt.simulator import Simulation, memory_model, peak_bytes, peak_location, simulate
 from acopt.simulator import _facts as _profile_facts
 from acopt.units import format_bytes, parse_bytes
 
@@ -285,34 +285,27 @@ def floor(profile: Profile) -> int:
     return min(peak_bytes(profile, everything), peak_bytes(profile, frozenset()))
 
 
-def _floor_simulation(profile: Profile) -> Simulation:
-    everything = simulate(profile, memory_model(profile).candidates)
-    empty = simulate(profile, frozenset())
-    return everything if everything.peak_bytes <= empty.peak_bytes else empty
-
-
 _REGION_WORDS = {Region.FORWARD: "forward pass", Region.BACKWARD: "backward pass", Region.OPTIMIZER: "optimizer step"}
 
 
 def check_budget(profile: Profile, budget_bytes: int) -> None:
     """Raise :class:`InfeasibleBudget` if ``budget_bytes`` is below :func:`floor`."""
-    if budget_bytes >= floor(profile):
+    floor_bytes = floor(profile)
+    if budget_bytes >= floor_bytes:
         return
-    sim = _floor_simulation(profile)  # the full simulation, for where the peak sits
-    where = sim.peak_node
-    if sim.peak_block is not None:
-        where += f" in the recompute block for {sim.peak_block}"
-    n = len(memory_model(profile).candidates)
+    candidates = memory_model(profile).candidates
+    everything = frozenset(candidates) if floor_bytes < no_recompute_peak(profile) else frozenset()
+    peak, node, block, region = peak_location(profile, everything)
+    where = node if block is None else f"{node} in the recompute block for {block}"
     raise InfeasibleBudget(
         f"budget {format_bytes(budget_bytes)} ({budget_bytes} bytes) is below the floor "
-        f"{format_bytes(sim.peak_bytes)} ({sim.peak_bytes} bytes): with all {n} recomputable "
-        f"activations recomputed the peak is still {format_bytes(sim.peak_bytes)}, at {where} "
-        f"({_REGION_WORDS[sim.peak_region]}); the no-recompute peak is "
-        f"{format_bytes(no_recompute_peak(profile))}",
-        floor_bytes=sim.peak_bytes,
+        f"{format_bytes(floor_bytes)} ({floor_bytes} bytes): with all {len(candidates)} recomputable "
+        f"activations recomputed the peak is still {format_bytes(floor_bytes)}, at {where} "
+        f"({_REGION_WORDS[region]}); the no-recompute peak is {format_bytes(no_recompute_peak(profile))}",
+        floor_bytes=floor_bytes,
         budget_bytes=budget_bytes,
-        peak_node=sim.peak_node,
-        peak_region=sim.peak_region,
+        peak_node=node,
+        peak_region=region,
     )
 
 

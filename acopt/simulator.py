@@ -621,7 +621,22 @@ class _Delta:
             cross = self.cross + np.cumsum(cross_fix)[: n + 1]
             out[block_steps] = cross[block_pos] + np.asarray(block_temp, dtype=np.int64)
         out += np.cumsum(delta)[:size]
+        self.last_steps = (g, at, blocks)  # for locate()
         return out
+
+    def locate(self, step: int) -> tuple[str, str | None, Region]:
+        """Node, block and region (as in :class:`Simulation`) of a global step of
+        the plan last passed to :meth:`timeline`."""
+        import bisect
+
+        g, at, blocks = self.last_steps
+        i = bisect.bisect_left(g, step)
+        if i < len(g) and g[i] == step:
+            name = self.model.profile.nodes[i].name
+            return name, None, self.node[name].region
+        (node, block), = [key for key, t in at.items() if t == step]
+        position = next(b.position for b in blocks if b.activation == block)
+        return node, block, self.model.profile.nodes[position].region
 
     def _inherit(self, s, reads, refs, created, block):
         for r in reads:
@@ -631,6 +646,15 @@ class _Delta:
         if block is not None and (s, block) in created:
             return (s, block)
         return (s, None)
+
+
+def peak_location(profile: Profile, recompute: Any) -> tuple[int, str, str | None, Region]:
+    """``(peak_bytes, peak_node, peak_block, peak_region)`` of a plan, by the fast
+    path: the same values as :func:`simulate` gives, for error messages."""
+    delta = _delta(profile)
+    timeline = delta.timeline(as_recompute(recompute))
+    step = int(timeline.argmax())
+    return (int(timeline[step]), *delta.locate(step))
 
 
 def _delta(profile: Profile) -> _Delta:

@@ -10,7 +10,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from acopt.planning import PlanStatus, assemble_plan
 from acopt.records import Region
 from acopt.schedule import InvalidPlan, MemoryModel
-from acopt.simulator import EventKind, _delta, peak_bytes, simulate
+from acopt.simulator import EventKind, _delta, peak_bytes, peak_location, simulate
 from tests.strategies import _Builder, chain_profile, plans, profiles, profiles_and_plans
 
 F, B, O = Region.FORWARD, Region.BACKWARD, Region.OPTIMIZER
@@ -88,6 +88,8 @@ def test_fast_path_equals_the_schedule_walk(case):
     fast = _delta(profile).timeline(recompute)
     assert fast.tolist() == list(simulate(profile, recompute).timeline)
     assert peak_bytes(profile, recompute) == simulate(profile, recompute).peak_bytes
+    sim = simulate(profile, recompute)
+    assert peak_location(profile, recompute) == (sim.peak_bytes, sim.peak_node, sim.peak_block, sim.peak_region)
 
 
 @given(profiles())
