@@ -114,7 +114,8 @@ class _Facts:
     """What the simulator and planners reuse across calls for one profile."""
 
     __slots__ = (
-        "model", "sims", "pinned", "peaks", "fingerprint", "node_info", "storage_bytes", "delta", "__weakref__",
+        "model", "sims", "pinned", "peaks", "located", "fingerprint", "node_info", "storage_bytes", "delta",
+        "__weakref__",
     )  # fmt: skip
 
     def __init__(self, profile: Profile):
@@ -122,6 +123,7 @@ class _Facts:
         self.sims: OrderedDict[frozenset[str], Simulation] = OrderedDict()  # recent plans (LRU)
         self.pinned: dict[frozenset[str], Simulation] = {}  # the empty plan, every candidate (the floor)
         self.peaks: OrderedDict[frozenset[str], int] = OrderedDict()  # peak_bytes() results (LRU)
+        self.located: dict[frozenset[str], tuple[int, str, str | None, Region]] = {}  # pinned plans' peaks
         self.fingerprint: str | None = None
         # node -> (allocates, storages, temp_bytes, kind, storages == allocates)
         self.node_info = {
@@ -221,20 +223,40 @@ def peak_bytes(profile: Profile, recompute: Any, *, blocks: Iterable[Block] | No
     hit = facts.pinned.get(recompute) or facts.sims.get(recompute)
     if hit is not None:
         return hit.peak_bytes
+    if recompute in facts.located or _pinned(facts, recompute):
+        return peak_location(profile, recompute)[0]
     peak = facts.peaks.get(recompute)
     if peak is None:
         timeline = _delta(profile).timeline(recompute, blocks)
         peak = int(timeline.max()) if len(timeline) else 0
         facts.peaks[recompute] = peak
         if len(facts.peaks) > _PEAK_CACHE_SIZE:
-            pinned = (frozenset(), frozenset(facts.model.candidates))  # the floor's: every plan() needs them
-            for old in list(facts.peaks):
-                if old not in pinned:
-                    del facts.peaks[old]
-                    break
+            facts.peaks.popitem(last=False)
     else:
         facts.peaks.move_to_end(recompute)
     return peak
+
+
+def peak_location(profile: Profile, recompute: Any) -> tuple[int, str, str | None, Region]:
+    """``(peak_bytes, peak_node, peak_block, peak_region)`` of a plan, as
+    :func:`simulate` gives them, by the fast path. Cached for the empty plan
+    and the every-candidate plan (the floor's), which every ``plan()`` needs."""
+    recompute = as_recompute(recompute)
+    facts = _facts(profile)
+    hit = facts.located.get(recompute)
+    if hit is not None:
+        return hit
+    delta = _delta(profile)
+    timeline = delta.timeline(recompute)
+    step = int(timeline.argmax()) if len(timeline) else 0
+    found = (int(timeline[step]) if len(timeline) else 0, *delta.locate(step))
+    if _pinned(facts, recompute):
+        facts.located[recompute] = found
+    return found
+
+
+def _pinned(facts: _Facts, recompute: frozenset[str]) -> bool:
+    return not recompute or recompute == frozenset(facts.model.candidates)
 
 
 def _measure(facts: _Facts, schedule: Schedule) -> tuple[list[int], dict[StorageRef, int], dict[StorageRef, int]]:
@@ -470,6 +492,44 @@ class _Delta:
             v.name: tuple(u for u in users[v.name] if u not in self.forward and self._aliasing(u))
             for v in nodes
         }
+        self.info = {
+            v.name: (v.inputs, v.storages, v.allocates, v.storages == v.allocates, v.temp_bytes) for v in nodes
+        }
+        # Availability classes for walking blocks (as MemoryModel.available): always
+        # available, never (refers to a forward-only storage), or unless one of
+        # the activations it refers to is recomputed.
+        activations = model.activation_set
+        self.never = {
+            v.name for v in nodes
+            if not v.is_placeholder and any(s not in model.placeholder_storages and s not in activations for s in v.storages)
+        }  # fmt: skip
+        self.watch = {
+            v.name: tuple(s for s in v.storages if s in activations) for v in nodes if not v.is_placeholder
+        }
+        self.outputs: dict[str, list[str]] = {}
+
+    def _block(self, a: str, recompute: frozenset[str]) -> tuple[int, tuple[str, ...]]:
+        """``(position, nodes)`` of ``MemoryModel.block(a, recompute)``, walked
+        with precomputed availability (tests check they agree)."""
+        outputs = self.outputs.get(a)
+        later = self.model.later_users
+        if outputs is None:
+            outputs = self.outputs[a] = [v for v in self.aliases[a] if later.get(v)]
+        position = min(self.index[u] for v in outputs for u in later[v])
+        info, never, watch = self.info, self.never, self.watch
+        members: set[str] = set()
+        stack = list(outputs)
+        while stack:
+            v = stack.pop()
+            if v in members:
+                continue
+            members.add(v)
+            for i in info[v][0]:
+                if i in members:
+                    continue
+                if i in never or any(s in recompute for s in watch.get(i, ())):
+                    stack.append(i)
+        return position, tuple(sorted(members, key=self.index.__getitem__))
 
     def _aliasing(self, name: str) -> bool:
         v = self.node[name]
@@ -487,7 +547,7 @@ class _Delta:
         n = self.n
         key = lambda b: (b.position, self.creator_index[b.activation], b.activation)  # noqa: E731
         if blocks is None:
-            blocks = [model.block(a, recompute) for a in model.check_plan(recompute)]
+            blocks = [_Walked(a, *self._block(a, recompute)) for a in model.check_plan(recompute)]
         blocks = sorted(blocks, key=key)
         rebuilt: dict[str, str] = {}
         for b in blocks:
@@ -506,54 +566,62 @@ class _Delta:
         def g_end(i: int) -> int:  # original index -> global, the last index meaning the end
             return end_step if i == n - 1 else g[i]
 
-        at: dict[tuple[str, str], int] = {}
+        # Replayed values: their steps, the last step reading each, what they refer to.
         block_steps: list[int] = []
         block_pos: list[int] = []
         block_temp: list[int] = []
+        firsts: list[int] = []
         pending_at: dict[int, int] = {}
-        for b in blocks:
-            first = g[b.position] - int(inserted[b.position]) + pending_at.get(b.position, 0)
-            pending_at[b.position] = pending_at.get(b.position, 0) + len(b.nodes)
-            for j, v in enumerate(b.nodes):
-                at[(v, b.activation)] = first + j
-                block_steps.append(first + j)
-                block_pos.append(b.position)
-                block_temp.append(node[v].temp_bytes)
-
-        # Ends of the value instances whose reads change, and their storage references.
         ends: dict[tuple[str, str | None], int] = {}
         refs: dict[tuple[str, str | None], list[tuple[str, str | None]]] = {}
         created: dict[tuple[str, str], int] = {}
         source_end: dict[str, int] = {}
+        info, later_users = self.info, self.later_users
         for b in blocks:
-            a = b.activation
-            members = set(b.nodes)
-            for v in b.nodes:
-                t = at[(v, a)]
-                rec = node[v]
-                for x in rec.inputs:
+            a, position, members_seq = b.activation, b.position, b.nodes
+            first = g[position] - int(inserted[position]) + pending_at.get(position, 0)
+            pending_at[position] = pending_at.get(position, 0) + len(members_seq)
+            firsts.append(first)
+            members = set(members_seq)
+            last_in: dict[str, int] = {}
+            for t, v in enumerate(members_seq, first):
+                inputs, storages, allocates, only_allocates, temp_bytes = info[v]
+                block_steps.append(t)
+                block_pos.append(position)
+                block_temp.append(temp_bytes)
+                for x in inputs:
                     if x in members:
-                        key_x = (x, a)
-                        if ends.get(key_x, -1) < t:
-                            ends[key_x] = t
+                        last_in[x] = t  # steps increase: the last assignment is the last read
                     elif source_end.get(x, -1) < t:
                         source_end[x] = t
+                if not storages:
+                    continue
                 value = (v, a)
-                if ends.get(value, -1) < t:
-                    ends[value] = t
-                if rebuilt.get(v) == a:
-                    for u in self.later_users[v]:
-                        e = end_step if node[u].is_output else g[index[u]]
-                        if ends[value] < e:
-                            ends[value] = e
-                mine = []
-                for s in rec.storages:
-                    if s in rec.allocates:
-                        created[(s, a)] = t
-                        mine.append((s, a))
-                    else:
-                        mine.append(self._inherit(s, [(x, a) if x in members else (x, None) for x in rec.inputs], refs, created, a))
+                if only_allocates:
+                    mine = [(s, a) for s in storages]
+                    for inst in mine:
+                        created[inst] = t
+                else:
+                    reads = [(x, a) if x in members else (x, None) for x in inputs]
+                    mine = []
+                    for s in storages:
+                        if s in allocates:
+                            created[(s, a)] = t
+                            mine.append((s, a))
+                        else:
+                            mine.append(self._inherit(s, reads, refs, created, a))
                 refs[value] = mine
+                ends[value] = t
+            for v in members_seq:
+                value = (v, a)
+                if value not in ends:
+                    continue
+                e = max(ends[value], last_in.get(v, -1))
+                if rebuilt.get(v) == a:
+                    for u in later_users[v]:
+                        e = max(e, end_step if node[u].is_output else g[index[u]])
+                ends[value] = e
+        self.last_steps = (g, firsts, blocks)
 
         # Backward aliases that inherit from rebuilt values (directly or through other such aliases).
         inheriting: set[str] = set()
@@ -621,7 +689,6 @@ class _Delta:
             cross = self.cross + np.cumsum(cross_fix)[: n + 1]
             out[block_steps] = cross[block_pos] + np.asarray(block_temp, dtype=np.int64)
         out += np.cumsum(delta)[:size]
-        self.last_steps = (g, at, blocks)  # for locate()
         return out
 
     def locate(self, step: int) -> tuple[str, str | None, Region]:
@@ -629,14 +696,15 @@ class _Delta:
         the plan last passed to :meth:`timeline`."""
         import bisect
 
-        g, at, blocks = self.last_steps
+        g, firsts, blocks = self.last_steps
         i = bisect.bisect_left(g, step)
         if i < len(g) and g[i] == step:
             name = self.model.profile.nodes[i].name
             return name, None, self.node[name].region
-        (node, block), = [key for key, t in at.items() if t == step]
-        position = next(b.position for b in blocks if b.activation == block)
-        return node, block, self.model.profile.nodes[position].region
+        for first, b in zip(firsts, blocks):
+            if first <= step < first + len(b.nodes):
+                return b.nodes[step - first], b.activation, self.model.profile.nodes[b.position].region
+        raise AssertionError(f"step {step} is in no block")  # pragma: no cover
 
     def _inherit(self, s, reads, refs, created, block):
         for r in reads:
@@ -648,13 +716,13 @@ class _Delta:
         return (s, None)
 
 
-def peak_location(profile: Profile, recompute: Any) -> tuple[int, str, str | None, Region]:
-    """``(peak_bytes, peak_node, peak_block, peak_region)`` of a plan, by the fast
-    path: the same values as :func:`simulate` gives, for error messages."""
-    delta = _delta(profile)
-    timeline = delta.timeline(as_recompute(recompute))
-    step = int(timeline.argmax())
-    return (int(timeline[step]), *delta.locate(step))
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Walked:
+    """A block as the fast path needs it."""
+
+    activation: str
+    position: int
+    nodes: tuple[str, ...]
 
 
 def _delta(profile: Profile) -> _Delta:
