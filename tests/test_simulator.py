@@ -150,6 +150,17 @@ def test_chain_without_recomputation():
     assert MemoryModel(profile).candidates == ("relu0", "relu1", "relu2")
 
 
+def test_empty_plan_reproduces_a_given_timeline():
+    """A profile carrying its measured timeline (here: the hand-computed one,
+    as the profiler would record it) is reproduced by the empty plan."""
+    import dataclasses
+
+    profile = dataclasses.replace(chain_profile(3), timeline=tuple(CHAIN3_EMPTY), peak_bytes=max(CHAIN3_EMPTY))
+    sim = simulate(profile, frozenset())
+    assert sim.timeline == profile.timeline and sim.peak_bytes == profile.peak_bytes
+    assert sim.recompute_time_s == 0 and not sim.schedule.blocks
+
+
 def test_chain_recomputing_relu1():
     profile = chain_profile(3)
     sim = simulate(profile, {"relu1"})
