@@ -22,12 +22,16 @@ the whole order costs the sum of the final block sizes, not a rebuild of
 every block per pick. The result equals ``MemoryModel.block(a, R | {a})``
 (tests/test_greedy.py checks it).
 
-Note G2 (order first, then the stop). The pick order does not depend on the
-stop test, so it is computed in full first; the plan is then the shortest
-prefix of the order whose simulated peak fits. ``search="bisect"`` finds it
-with about 2 log2(k) simulations (galloping from k = 1 up to a fitting prefix,
-then bisection between the last prefix that does not fit and the first that
-does). It always returns a prefix that the simulator shows to fit; it is the
+Note G2 (order, then the stop). The pick order does not depend on the stop
+test, so the plan is the shortest prefix of the order whose simulated peak
+fits. The order is built lazily, only as far as the search looks.
+``search="bisect"`` finds the prefix with about 2 log2(k) simulations:
+galloping (k = 1, 2, 4, ..., each step at most doubling the schedule's
+length) up to a fitting prefix, then bisection between the last prefix that
+does not fit and the first that does. The simulations use the simulator's
+fast path (``peak_bytes``), handed the prefix's blocks from the growth
+history (a block's nodes under the first k picks are those added before pick
+k + 1). It always returns a prefix that the simulator shows to fit; it is the
 shortest such prefix when the peak does not rise along the order (usual, but
 not guaranteed: a block can lengthen the lives of its sources).
 ``search="linear"`` simulates every prefix in turn, mu-TWO's own stop rule,
