@@ -177,12 +177,13 @@ def solve(
     else:
         bound_out = max(0.0, min(bound, val))  # CP-SAT rounds times: never above what we found
     gap = None if bound_out is None else (0.0 if val <= 0 else max(0.0, (val - bound_out) / val))
-    if status == OPTIMAL and gap is not None and gap > 1e-9:
-        status = FEASIBLE  # optimal within rel_gap only
+    if status == OPTIMAL and rel_gap > 0 and gap is not None and gap > 1e-9:
+        status = FEASIBLE  # the solver stopped within rel_gap
     if status == TIME_LIMIT and gap is not None and gap <= 1e-9:
         status = OPTIMAL  # the bound closed the gap
     if status == OPTIMAL:
-        bound_out, gap = val, 0.0  # proven: float noise in the solver's bound is not a gap
+        # proven; what is left is float noise (CP-SAT's integer times, cpsat.py)
+        bound_out, gap = val, 0.0
     return Outcome(
         recompute=best, status=status, objective=val, bound=bound_out, gap=gap, peak_bytes=peak,
         model_peak_bytes=f.predicted_peak(best), notes=tuple(notes), **common,

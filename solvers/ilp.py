@@ -29,7 +29,7 @@ from collections.abc import Sequence
 
 from acopt.planning import Plan, PlannerSpec
 from acopt.records import Profile
-from solvers.model import BINARY, Formulation
+from solvers.model import BINARY, FREE, Formulation
 
 INSTALL = "pip install 'acopt[solvers]'"
 
@@ -90,22 +90,33 @@ class PulpBackend:
         self.prob = pulp.LpProblem("acopt", pulp.LpMinimize)
         self.v: dict = {}
         self.rows_done = 0
+        # Bytes go to CBC in units of 2**k bytes, so that the budget is about 1e4
+        # units: with raw bytes (1e9 and more) CBC's tolerances make it fix
+        # variables on reduced cost wrongly and claim optima that are not (seen
+        # on BERT-base). A plan that CBC's tolerance lets a few hundred bytes
+        # over the budget is caught by the simulator (a no-good cut).
+        top = f.budget if f.budget is not None else max(f.base, default=1)
+        self.mscale = float(2 ** max(0, int(math.log2(max(top, 1))) - 13))
         if f.peak_var is not None:
-            self.scale = 1.0 / 1024  # KiB: CBC prints 8 decimals
+            self.scale = 1.0 / self.mscale
         else:
             total = sum(f.objective.values()) or 1.0
             self.scale = 10.0 ** round(6 - math.log10(total))  # CBC prints %.8f
-        self.prob += pulp.LpAffineExpression([(self._var(v), c * self.scale) for v, c in f.objective.items()])
+        unit = {v: self.mscale if f.vars[v].kind == FREE else 1.0 for v in f.objective}
+        self.prob += pulp.LpAffineExpression([(self._var(v), c * self.scale * unit[v]) for v, c in f.objective.items()])
 
     def _var(self, v: int):
         got = self.v.get(v)
         if got is None:
             spec = self.f.vars[v]
             cat = self.pulp.LpBinary if spec.kind == BINARY else self.pulp.LpContinuous
+            lb, ub = spec.lb, spec.ub
+            if spec.kind == FREE:  # bytes
+                lb, ub = lb / self.mscale, ub / self.mscale
             if hasattr(self.prob, "add_variable"):  # PuLP >= 3.3
-                got = self.prob.add_variable(f"v{v}", lowBound=spec.lb, upBound=spec.ub, cat=cat)
+                got = self.prob.add_variable(f"v{v}", lowBound=lb, upBound=ub, cat=cat)
             else:
-                got = self.pulp.LpVariable(f"v{v}", lowBound=spec.lb, upBound=spec.ub, cat=cat)
+                got = self.pulp.LpVariable(f"v{v}", lowBound=lb, upBound=ub, cat=cat)
             self.v[v] = got
         return got
 
@@ -113,19 +124,23 @@ class PulpBackend:
         f, pulp = self.f, self.pulp
         for j in range(self.rows_done, len(f.rows)):
             row = f.rows[j]
-            expr = pulp.LpAffineExpression([(self._var(v), c) for v, c in row.terms])
+            k = 1.0 / self.mscale if row.in_bytes else 1.0
+            # a byte-valued variable is already in units: its coefficient stays
+            expr = pulp.LpAffineExpression(
+                [(self._var(v), c if f.vars[v].kind == FREE else c * k) for v, c in row.terms]
+            )
             if row.memory:
                 if f.peak_var is None:
-                    self.prob += (expr <= f.budget - row.const, f"c{j}")
-                else:
-                    self.prob += (expr - self._var(f.peak_var) <= -row.const, f"c{j}")
+                    self.prob += (expr <= (f.budget - row.const) * k, f"c{j}")
+                else:  # the peak variable is in scaled units already
+                    self.prob += (expr - self._var(f.peak_var) <= -row.const * k, f"c{j}")
             elif row.lo is not None and row.hi is not None and row.lo == row.hi:
-                self.prob += (expr == row.lo, f"c{j}")
+                self.prob += (expr == row.lo * k, f"c{j}")
             else:
                 if row.lo is not None:
-                    self.prob += (expr >= row.lo, f"c{j}")
+                    self.prob += (expr >= row.lo * k, f"c{j}")
                 if row.hi is not None:
-                    self.prob += (expr <= row.hi, f"c{j}h")
+                    self.prob += (expr <= row.hi * k, f"c{j}h")
         self.rows_done = len(f.rows)
 
     def solve(self, *, time_limit_s: float, hint: Sequence[float] | None):
@@ -138,7 +153,9 @@ class PulpBackend:
             var.varValue = None
             if warm:
                 val = hint[v]
-                var.setInitialValue(round(val) if self.f.vars[v].kind == BINARY else val, check=False)
+                kind = self.f.vars[v].kind
+                val = round(val) if kind == BINARY else val / self.mscale if kind == FREE else val
+                var.setInitialValue(val, check=False)
         fd, log = tempfile.mkstemp(suffix=".log", prefix="acopt_cbc_")
         os.close(fd)
         try:
@@ -152,6 +169,8 @@ class PulpBackend:
                 self.prob.solve(solver)
             with open(log) as fh:
                 text = fh.read()
+            if self.options.msg:
+                print(text)  # CBC writes its log to logPath only
         finally:
             os.unlink(log)
         sol = self.prob.sol_status
@@ -168,7 +187,7 @@ class PulpBackend:
         x = [0.0] * len(self.f.vars)
         for v, var in self.v.items():
             val = var.value()
-            x[v] = 0.0 if val is None else float(val)
+            x[v] = 0.0 if val is None else float(val) * (self.mscale if self.f.vars[v].kind == FREE else 1.0)
         if status == OPTIMAL and bound is None:
             bound = objective
         return Solved(

@@ -2,12 +2,16 @@
 
 ``ilp`` (PuLP/CBC) and ``cpsat`` (OR-Tools CP-SAT) solve the same abstract
 mixed-integer model, built here from a :class:`~acopt.records.Profile` and
-:class:`~acopt.schedule.MemoryModel` alone (STYLE point 8: build, solve, map
-back). Nothing here imports torch or a solver.
+:class:`~acopt.schedule.MemoryModel` alone (STYLE point 8: build here, solve
+in solvers/ilp.py or solvers/cpsat.py, map back in solvers/exact.py). Nothing
+here imports torch or a solver.
 
-The model is the memory model of docs/memory-model.md (rules 1-4) and of
-:meth:`MemoryModel.schedule`, written as linear rows. Its notes are referenced
-from the code as "Note N".
+The model is the memory model of docs/memory-model.md (rules 1-4) as the
+simulator counts it (acopt/simulator.py: aliasing flows through reads), written
+as linear rows. Its notes are referenced from the code as "Note N". In short:
+cost is exact; memory is exact at every node of the schedule, original or
+replayed (Notes 3-4), except for one pattern that traced graphs never contain,
+where it is a relaxation settled by the simulator (Note 7).
 
 Note 1 (decisions and cost). One binary ``r[a]`` per candidate. ``y[a, v]``
 ("block(a) replays v") exists for every node v that block(a) may replay under
@@ -29,50 +33,77 @@ the continuous ``y``, ``u``, ``z``, ``l`` are integral once ``r`` is.
 Note 3 (memory at original nodes: exact). Let ``base[i]`` be the live bytes at
 node i of the unmodified step (including the node's workspace). A plan changes
 them only in two ways:
-  (a) a recomputed activation a is dead on ``(last forward use, block position)``
-      (its forward copy is freed after its last forward use; the rebuilt copy
-      lives from its block to its last use, the original's last use):
-      ``- bytes(a) * r[a]`` on that open interval;
+  (a) a recomputed activation a is dead on ``(last forward use, block
+      position)``: its forward copy dies after its last forward read; every
+      later read, and every later view of it, refers to the rebuilt copy, which
+      lives from its block to the original's last use. ``- bytes(a) * r[a]``
+      on that interval;
   (b) a kept storage s whose last use is before some block that reads it as a
       source lives until that block: ``+ bytes(s) * l[s, j]`` where ``l[s, j]``
       = "s is read by a block at or after s's j-th possible read point".
 Part (a) is a sparse recurrence, one continuous ``W`` per segment of nodes
-where no ``r`` term starts or ends (Checkmate's U variables); only each
-segment's largest ``base`` needs a row.
+where no term starts or ends (Checkmate's U variables); only each segment's
+largest ``base`` needs a row.
 
-Note 4 (memory inside recompute blocks). At node w of block(a) at position p:
-  boundary bytes before p (the bytes alive at node p, minus what node p itself
-  allocates and its workspace, minus the rebuilt copies of activations whose
-  blocks run at p), + rebuilt copies made by the blocks at p that run before
-  block(a), + kept sources still to be read at or after this point (``l``),
-  + block(a)'s own live intermediates at w, + w's workspace.
-An intermediate storage s made by member u is alive at w iff some alias x of s
-replayed in block(a) (x <= w) is w itself, or is read by a replayed w' >= w, or
-is a block output: ``z >= y[a, x] + y[a, w'] - 1`` (an OR of ANDs, exact since
-rows only charge for ``z``). This is exact for the memory model as long as each
-replayed value refers to storages it makes or inherits from a replayed input;
-where a replayed value *also* refers to a kept storage through a source (nodes
-returning several storages) it is a lower bound (those references are not
-counted). There are as many such rows as (block, possible member) pairs, so they
-are added lazily (Note 5).
+Note 4 (memory inside recompute blocks: exact). At node w of block(a) at
+position p: the bytes alive before p (those alive at node p, minus what node p
+itself allocates and its workspace, minus the rebuilt copies of the blocks at
+p that have not run yet), + kept sources still to be read at or after this
+point (``l``), + block(a)'s own live storages at w, + w's workspace. A storage
+s made by member u is alive at w iff some alias x of s replayed in block(a)
+(u <= x <= w) is w itself, is read by a replayed w' >= w, or is a block output
+(read later): ``z >= y[a, x] + y[a, u] + y[a, w'] - 2`` (an OR of ANDs, exact
+since rows only charge for ``z``). Blocks at one position run one after the
+other, each keeping only its output. There are as many such rows as (block,
+possible member) pairs, so they are added lazily (Note 5). The one
+approximation: a replayed view of a *source* that refers to several storages
+keeps the source alive to its own last read; only the direct reads are counted
+(a lower bound, so never wrong, Note 5).
 
 Note 5 (lazy rows, exactness). The solver starts with every row of Note 3 and
 the block rows of core members. After each solve, :meth:`Formulation.violated`
 evaluates every block row of the returned plan; violated ones are added and the
-model is re-solved. Each row is exact or a lower bound on the true memory
-(Note 4), so the model is a relaxation of the memory model throughout: its
-bound is valid and its optimum, once the simulator confirms it fits, is the
-optimum. If the simulator finds a plan over budget that no row of this model
-detects (a case outside Note 4's exact domain), that one plan is cut off by a
-no-good row (valid, since it does not fit) and the planner says so in its notes.
+model is re-solved. Each row is exact or a lower bound on the true memory, so
+the model is a relaxation of the memory model throughout: its bound is valid,
+and its optimum, once the simulator confirms it fits, is the optimum. A plan
+the model places under the budget but the simulator does not (only possible
+with Note 7's relaxation, or from solver tolerances) is cut off by a no-good
+row, valid since that plan does not fit; the planner's notes count them.
 
 Note 6 (pruning by cost, exact). With an incumbent of cost C (the greedy plan,
-checked by the simulator), y[a, v] can be fixed to 0 when every way of putting
-v into block(a) costs more than C: a's core time plus the cheapest path from
-a's core to v, counting each node's time and, at the node that creates a
-candidate the path proves recomputed, that candidate's core time (each
-candidate has one creator, so it is counted at most once). Any plan with such a
-chain costs more than the incumbent, so the optimum is kept.
+checked by the simulator), y[a, v] is fixed to 0 when every plan that puts v
+into block(a) costs more than C. The bound: a's core time plus the cheapest
+path from a's core back to v, where a node at depth d costs its time (1 + d -
+cores that hold it) times and a candidate's creator adds that candidate's core
+time once and one depth: the path's nodes are unavailable, so every candidate
+whose creator it passes is recomputed and its own block replays the rest of
+the path too. (A label-setting search over (node, depth).) The incumbent
+survives, so the optimum is kept; on ResNet-152 this removes most chain
+variables.
+
+Note 7 (several storages read later, relaxed). A forward value read after the
+forward region that refers to several storages, one a candidate (a tuple-
+returning node read directly; traced fx graphs read tuples through getitem, so
+real profiles never have one), lets one recompute block change the lives of
+*sibling* storages and of other blocks' rebuilt copies. For the storages of
+such values the model is a relaxation instead: the original copy of s is dead
+after its last forward read whenever any candidate that could redirect a read
+of s is recomputed (``u[s]``), rebuilt copies count only while their block
+reads them, and those candidates' rebuilt copies are not counted at original
+nodes. The simulator and Note 5's no-goods make the answer exact.
+
+Note 8 (minimum peak). ``build(budget=None)`` bounds every memory row by a
+peak variable and minimises it, with the same lazy loop: how an INFEASIBLE
+answer states the least peak any plan reaches (which can be below rule 6's
+floor: recomputing everything is not always the smallest peak).
+
+Note 9 (dense rows). The recurrence of Note 3 keeps the model sparse but hides
+from the solvers that the rows near the peak are knapsack rows over the ``r``
+(CBC finds no cover cuts, and its LP bound stays put while it branches among
+ResNet's many look-alike layers). The rows of the few segments with the most
+base bytes are therefore also written out in full, ``base + sum(bytes * r) +
+...`` (redundant, exact). On ResNet-152 this takes CBC from a 4% gap after
+60 s to a proven optimum in 10 s.
 """
 
 from __future__ import annotations
@@ -118,6 +149,11 @@ class Row:
     hi: int | None = None
     const: int = 0
     memory: bool = False
+    in_bytes: bool = False  # coefficients are bytes (memory rows, the recurrence, peak cuts)
+
+    def __post_init__(self) -> None:
+        if self.memory:
+            object.__setattr__(self, "in_bytes", True)
 
     def value(self, x: Sequence[float]) -> float:
         return sum(c * x[v] for v, c in self.terms) + self.const
@@ -513,7 +549,7 @@ class Formulation:
         return self._var(("us", key[1]), UNIT, 0, 1, ("u", tuple(self.r(k) for k in ks)))
 
     # ---- building ------------------------------------------------------------
-    def build(self, *, budget: int | None) -> None:
+    def build(self, *, budget: int | None, dense_rows: int = 10) -> None:
         """Rows of Notes 1-3 and the core block rows (Note 4).
 
         With ``budget=None`` the memory rows bound a peak variable
@@ -561,6 +597,7 @@ class Formulation:
                         )
         self._build_reads()
         self._build_original_rows()
+        self._add_dense_rows(dense_rows)
         for k, c in enumerate(cands):
             for w in c.core:
                 self.activate_block_row(k, w)
@@ -704,7 +741,7 @@ class Formulation:
             for rv, b_ in starts.get(b, ()):
                 delta[rv] = delta.get(rv, 0) + b_
             terms += [(rv, -c) for rv, c in delta.items() if c]
-            self._add_row(Row(name=f"W_{j}", terms=tuple(terms), lo=0, hi=0))
+            self._add_row(Row(name=f"W_{j}", terms=tuple(terms), lo=0, hi=0, in_bytes=True))
             prev = w
         # one row per segment at its largest base
         for j, (b, e) in enumerate(self.segments):
@@ -720,6 +757,24 @@ class Formulation:
             if m + ext_ub + self.w_max[j] <= self.threshold:
                 continue
             self._add_row(Row(name=f"mem_{b}", terms=tuple(terms), const=m, memory=True))
+
+    def _add_dense_rows(self, count: int) -> None:
+        """Note 9: the ``count`` original-node rows with the most base bytes again,
+        with the recurrence expanded into the decisions it sums."""
+        rows = sorted((r for r in self.rows if r.memory and r.name.startswith("mem_")), key=lambda r: -r.const)
+        w_set = set(self.w_vars)
+        for row in rows[:count]:
+            at = int(row.name.split("_")[1])
+            terms: dict[int, int] = {}
+            for var, ev in self.w_events:
+                level = sum(db for pos, db in ev if pos <= at)
+                if level:
+                    terms[var] = terms.get(var, 0) + level
+            for v, c in row.terms:
+                if v not in w_set:
+                    terms[v] = terms.get(v, 0) + c
+            items = tuple((v, c) for v, c in terms.items() if c)
+            self._add_row(Row(name=f"dense_{at}", terms=items, const=row.const, memory=True))
 
     # ---- Note 4: rows inside blocks ---------------------------------------------
     def block_expr(self, k: int, w: int) -> tuple[dict[int, int], int, int]:
@@ -847,7 +902,7 @@ class Formulation:
             else:
                 terms.append((self.r(k), big))
         self.no_goods += 1
-        self._add_row(Row(name=f"peakcut_{self.no_goods}", terms=tuple(terms), lo=peak - big * inside))
+        self._add_row(Row(name=f"peakcut_{self.no_goods}", terms=tuple(terms), lo=peak - big * inside, in_bytes=True))
 
     # ---- evaluation: the model's values for a plan ---------------------------
     def assignment(self, recompute: frozenset[str]) -> list[float]:
