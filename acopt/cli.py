@@ -284,6 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("solvers", help="list the registered planners")
     sp.set_defaults(fn=cmd_solvers)
+
+    sp = sub.add_parser("bench", add_help=False, help="benchmark harness: memory, time, numerics vs baselines (acopt bench --help)")
+    sp.add_argument("args", nargs=argparse.REMAINDER)
+    sp.set_defaults(fn=lambda a: cmd_bench(a.args))
     return p
 
 
@@ -297,7 +301,23 @@ def cmd_solvers(args) -> int:
     return 0
 
 
+def cmd_bench(argv: list[str]) -> int:
+    """``acopt bench ...`` = ``python -m benchmarks.harness ...`` (benchmarks/ of the repository)."""
+    try:
+        from benchmarks.harness import main as bench_main
+    except ImportError:
+        root = Path(__file__).resolve().parent.parent  # the repository of an editable install
+        if not (root / "benchmarks" / "harness.py").exists():
+            raise ImportError("acopt bench needs the repository's benchmarks/ (run it from a source checkout)") from None
+        sys.path.insert(0, str(root))
+        from benchmarks.harness import main as bench_main
+    return bench_main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # all its options belong to the harness's own parser
+        return cmd_bench(argv[1:])
     args = build_parser().parse_args(argv)
     from acopt.planning import InfeasibleBudget
     from acopt.tracer import UnsupportedStep
