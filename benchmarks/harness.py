@@ -139,6 +139,7 @@ class Config:
     plots: bool = True
     verbose: bool = True
     threads: int | None = None  # torch.set_num_threads for the run (None: torch's default)
+    deterministic: bool | None = None  # deterministic kernels (None: on CUDA only), for the bitwise checks
 
     def log(self, *msg: object) -> None:
         if self.verbose:
@@ -639,6 +640,11 @@ def run(config: Config) -> dict[str, Path]:
     config.out.mkdir(parents=True, exist_ok=True)
     if config.threads:
         torch.set_num_threads(config.threads)
+    if config.deterministic or (config.deterministic is None and torch.device(config.device).type == "cuda"):
+        import os
+
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before cuBLAS starts
+        torch.use_deterministic_algorithms(True, warn_only=True)
     tag = config.tag or f"{config.device}-{'-'.join(m.name for m in config.models)}"
     env = _environment(config)
     rows: list[dict] = []
@@ -1095,6 +1101,8 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--tag", default="", help="file name stem (default: device and models)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
+    p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.use_deterministic_algorithms (default: on for cuda, off for cpu)")  # fmt: skip
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--quiet", action="store_true")
     return p
@@ -1141,6 +1149,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         tag=args.tag or (args.suite and (args.suite if args.suite.startswith(args.device) else f"{args.device}-{args.suite}")) or "",
         plots=not args.no_plots,
         threads=args.threads,
+        deterministic=args.deterministic,
         verbose=not args.quiet,
         **kw,
     )

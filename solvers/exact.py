@@ -79,11 +79,15 @@ def solve(
     time_limit_s: float,
     rel_gap: float = 0.0,
     incumbent: frozenset[str] | None = None,
+    chain_depth: int | None = 1,
 ) -> Outcome:
     """Minimise recompute time under ``budget``, or (``budget=None``) the peak.
 
     ``incumbent`` must fit the budget (it is checked); it is the warm start,
     the answer at the time limit, and the cost bound of model.py Note 6.
+    ``chain_depth``: start with chains through at most this many other
+    candidates and add members as plans need them (model.py Note 10); None
+    builds every chain member up front.
     """
     t0 = time.perf_counter()
     deadline = t0 + time_limit_s
@@ -101,70 +105,96 @@ def solve(
             best, best_value = incumbent, val
         else:
             notes.append(f"warm start ignored: its simulated peak {peak} exceeds the budget")
-    f = Formulation(profile, incumbent_cost=None if peak_mode or best is None else best_value)
-    f.build(budget=budget)
-    backend = make_backend(f)
-    build_time = time.perf_counter() - t0
-    if f.irregular:
+    base = Formulation(profile, incumbent_cost=None if peak_mode or best is None else best_value)
+    allowed = None if chain_depth is None else [set(a) for a in base.initial_allowed(chain_depth)]
+    if base.irregular:
         notes.append(
-            f"model.py Note 7: {len(f.irregular)} forward value(s) read later refer to several storages "
-            f"(e.g. {f.irregular[0]!r}); their memory is relaxed and plans are settled by the simulator"
+            f"model.py Note 7: {len(base.irregular)} forward value(s) read later refer to several storages "
+            f"(e.g. {base.irregular[0]!r}); their memory is relaxed and plans are settled by the simulator"
         )
     bound = -math.inf
     status = TIME_LIMIT
-    iterations = lazy = 0
-    hint_cache: dict[frozenset[str], list[float]] = {}
-    solve_t0 = time.perf_counter()
-    while True:
-        left = deadline - time.perf_counter()
-        if left <= 0:
+    iterations = lazy = columns = rebuilds = 0
+    kept_rows: set[tuple[int, int]] = set()
+    cuts: list[tuple[frozenset[str], int | None]] = []  # no-goods (plan, None) and peak cuts
+    build_time = time.perf_counter() - t0  # the analysis (and the warm start's check)
+    solve_t0 = t0
+    rebuild = True
+    while rebuild and deadline > time.perf_counter():
+        # (Re)build: Note 10 adds chain members the model left out, keeping the
+        # lazy block rows and cuts found so far.
+        rebuild = False
+        b0 = time.perf_counter()
+        f = base.fresh()
+        f.build(budget=budget, allowed=allowed)
+        for k, w in sorted(kept_rows):
+            f.activate_block_row(k, w)
+        for plan, peak in cuts:
+            f.add_no_good(plan) if peak is None else f.add_peak_cut(plan, peak)
+        backend = make_backend(f)
+        build_time += time.perf_counter() - b0
+        while True:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                break
+            iterations += 1
+            hint = None
+            if best is not None:
+                hint = f.assignment(best)
+                if peak_mode:
+                    hint[f.peak_var] = best_value
+            res = backend.solve(time_limit_s=left, hint=hint)
+            if res.status == INFEASIBLE:
+                if best is None:
+                    status = INFEASIBLE
+                else:  # the incumbent satisfies every row, so this is a solver fault
+                    notes.append("the solver called the model infeasible although the warm start fits it")
+                break
+            if res.bound is not None:
+                bound = max(bound, res.bound)
+            if res.x is None:
+                break
+            plan = frozenset(c.name for k, c in enumerate(f.candidates) if res.x[f.r(k)] > 0.5)
+            missing = f.missing_members(plan) if allowed is not None else {}
+            if missing:
+                for k, nodes in missing.items():
+                    allowed[k] |= nodes
+                    columns += len(nodes)
+                kept_rows |= {key for key, at in f._block_rows.items() if at is not None}
+                rebuilds += 1
+                rebuild = True
+                break
+            limit = res.x[f.peak_var] if peak_mode else budget
+            new = f.violated(plan, budget=limit)
+            if new:
+                for k, w in new:
+                    lazy += f.activate_block_row(k, w)
+                continue
+            peak, val = value(plan)
+            if peak > limit + (0.5 if peak_mode else 0):
+                model_peak = f.predicted_peak(plan)
+                why = "numerical tolerance" if model_peak > limit else "model.py Note 7 relaxation"
+                notes.append(f"cut off a plan the model placed under {limit:.0f} bytes, simulated {peak} ({why})")
+                cuts.append((plan, peak if peak_mode else None))
+                if peak_mode:
+                    f.add_peak_cut(plan, peak)
+                else:
+                    f.add_no_good(plan)
+                continue
+            if val < best_value or best is None:
+                best, best_value = plan, val
+            if res.status == OPTIMAL:
+                status = OPTIMAL
+                if res.objective is not None:
+                    bound = max(bound, min(res.bound if res.bound is not None else res.objective, res.objective))
             break
-        iterations += 1
-        hint = None
-        if best is not None:
-            hint = f.assignment(best)
-            if peak_mode:
-                hint[f.peak_var] = best_value
-        res = backend.solve(time_limit_s=left, hint=hint)
-        if res.status == INFEASIBLE:
-            if best is None:
-                status = INFEASIBLE
-            else:  # the incumbent satisfies every row, so this is a solver fault
-                notes.append("the solver called the model infeasible although the warm start fits it")
-            break
-        if res.bound is not None:
-            bound = max(bound, res.bound)
-        if res.x is None:
-            break
-        plan = frozenset(c.name for k, c in enumerate(f.candidates) if res.x[f.r(k)] > 0.5)
-        limit = res.x[f.peak_var] if peak_mode else budget
-        new = f.violated(plan, budget=limit)
-        if new:
-            for k, w in new:
-                lazy += f.activate_block_row(k, w)
-            continue
-        peak, val = value(plan)
-        if peak > limit + (0.5 if peak_mode else 0):
-            model_peak = f.predicted_peak(plan)
-            why = "numerical tolerance" if model_peak > limit else "model.py Note 7 relaxation"
-            notes.append(f"cut off a plan the model placed under {limit:.0f} bytes, simulated {peak} ({why})")
-            if peak_mode:
-                f.add_peak_cut(plan, peak)
-            else:
-                f.add_no_good(plan)
-            continue
-        if val < best_value or best is None:
-            best, best_value = plan, val
-        if res.status == OPTIMAL:
-            status = OPTIMAL
-            if res.objective is not None:
-                bound = max(bound, min(res.bound if res.bound is not None else res.objective, res.objective))
-        break
+    if columns:
+        notes.append(f"model.py Note 10: {columns} chain member(s) added in {rebuilds} rebuild(s)")
     solve_time = time.perf_counter() - solve_t0
     size = f.size()
     common = dict(
-        size=size, exact_model=not f.irregular, iterations=iterations, lazy_rows=lazy, no_goods=f.no_goods,
-        pruned=f.pruned_count, build_time_s=build_time, solve_time_s=solve_time,
+        size=size, exact_model=not f.irregular, iterations=iterations, lazy_rows=lazy, no_goods=len(cuts),
+        pruned=f.pruned_count, build_time_s=build_time, solve_time_s=solve_time - build_time,
     )  # fmt: skip
     if best is None:
         return Outcome(
@@ -184,9 +214,10 @@ def solve(
     if status == OPTIMAL:
         # proven; what is left is float noise (CP-SAT's integer times, cpsat.py)
         bound_out, gap = val, 0.0
+    represented = allowed is None or not f.missing_members(best)
     return Outcome(
         recompute=best, status=status, objective=val, bound=bound_out, gap=gap, peak_bytes=peak,
-        model_peak_bytes=f.predicted_peak(best), notes=tuple(notes), **common,
+        model_peak_bytes=f.predicted_peak(best) if represented else None, notes=tuple(notes), **common,
     )  # fmt: skip
 
 
@@ -261,9 +292,10 @@ def _size_note(out: Outcome) -> str:
 def _infeasible(profile, budget_bytes, options, solver, make_backend, out, notes, started) -> Plan:
     """No plan fits: find the smallest peak any plan reaches (model.py Note 8)."""
     from acopt.planning import floor
+    from acopt.simulator import memory_model
 
     left = max(1.0, options.time_limit_s - (time.perf_counter() - started))
-    all_cands = frozenset(Formulation(profile).candidate_names)
+    all_cands = frozenset(memory_model(profile).candidates)
     start = min((frozenset(), all_cands), key=lambda p: simulate(profile, p).peak_bytes)
     low = solve(profile, budget=None, make_backend=make_backend, time_limit_s=left, incumbent=start)
     rule6 = floor(profile)

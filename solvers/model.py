@@ -104,17 +104,32 @@ ResNet's many look-alike layers). The rows of the few segments with the most
 base bytes are therefore also written out in full, ``base + sum(bytes * r) +
 ...`` (redundant, exact). On ResNet-152 this takes CBC from a 4% gap after
 60 s to a proven optimum in 10 s.
+
+Note 10 (chain members on demand, exact). Most extra members (Note 1) sit
+behind long chains of other candidates: block(a) replays them only if every
+candidate on the way is recomputed too. ``build(allowed=...)`` writes the
+``y`` of only the extra members reached through at most ``chain_depth``
+other candidates' creators (a 0-1 breadth-first search); for the others the
+implication of Note 2 is left out, so the model lets the block stop there
+(less time, less memory: a relaxation, and its bound stays valid). When a
+solve returns a plan whose real blocks (``MemoryModel.block``) replay a
+member the model left out, exact.py adds those members, rebuilds, keeps the
+lazy rows and cuts found so far, and solves again. A plan is only accepted
+once the model represents every node its blocks replay, so the optimum is
+the optimum of the full model.
 """
 
 from __future__ import annotations
 
+import collections
+import copy
 import dataclasses
 import heapq
 import math
 from collections.abc import Iterable, Sequence
 from functools import cached_property
 
-from acopt.records import PLACEHOLDER, Profile, Region
+from acopt.records import Profile, Region
 from acopt.schedule import MemoryModel
 
 # ---------------------------------------------------------------------------
@@ -182,11 +197,9 @@ class ModelSize:
 ONE = -1
 
 
-def _and_row(name: str, z: int, lits: Sequence[int]) -> Row | None:
-    """``z >= sum(lits) - (len - 1)``: z is at least the AND of the literals."""
-    lits = sorted(set(lits))
-    consts = lits.count(ONE)
-    lits = [v for v in lits if v != ONE]
+def _and_row(name: str, z: int, lits: Sequence[int]) -> Row:
+    """``z >= sum(lits) - (len - 1)``: z is at least the AND of the literals (ONE is true)."""
+    lits = [v for v in sorted(set(lits)) if v != ONE]
     if not lits:
         return Row(name=name, terms=((z, 1),), lo=1)
     terms = [(z, 1)] + [(v, -1) for v in lits]
@@ -394,6 +407,8 @@ class Formulation:
         for k in self.by_order:
             self.at_position.setdefault(cands[k].position, []).append(k)
         self._prune_extra()
+        self._creators = {c.created for c in self.candidates}
+        self.extra_depth = [self._chain_depths(k, c) for k, c in enumerate(self.candidates)]
         # Note 3 (a) and Note 7: what each decision changes at original nodes, as
         # (key, ((node, bytes from there on), ...)); key ("r", k) or ("us", s).
         self.event_lists: list[tuple[tuple, tuple[tuple[int, int], ...]]] = [
@@ -445,6 +460,36 @@ class Formulation:
             self.pruned_count += len(c.extra) - len(keep)
             new.append(dataclasses.replace(c, extra=keep))
         self.candidates = tuple(new)
+
+    def _chain_depths(self, k: int, c: Candidate) -> dict[int, int]:
+        """Note 10: for each extra member, the fewest other candidates' creators a
+        path from k's core to it passes (a 0-1 breadth-first search)."""
+        extra = set(c.extra)
+        if not extra:
+            return {}
+        creators = self._creators
+
+        def weight(i: int) -> int:
+            return 1 if i in creators and i != c.created else 0
+
+        best: dict[int, int] = {}
+        queue: collections.deque[tuple[int, int]] = collections.deque()
+        for v in c.core:
+            for i in self._inputs[v]:
+                if i in extra and best.get(i, math.inf) > weight(i):
+                    best[i] = weight(i)
+                    queue.append((i, best[i]))
+        while queue:
+            v, d = queue.popleft()
+            if d > best[v]:
+                continue
+            for i in self._inputs[v]:
+                if i in extra:
+                    nd = d + weight(i)
+                    if nd < best.get(i, math.inf):
+                        best[i] = nd
+                        (queue.append if nd > d else queue.appendleft)((i, nd))
+        return best
 
     def _chain_costs(self, k, c, limit, in_cores, creator_of, depth_cap: int = 48) -> dict[int, float]:
         """Note 6: a lower bound on the cost of any plan whose block k replays
@@ -521,9 +566,30 @@ class Formulation:
     def _core_sets(self) -> list[frozenset[int]]:
         return [frozenset(c.core) for c in self.candidates]
 
-    @cached_property
-    def _member_sets(self) -> list[frozenset[int]]:
-        return [frozenset(c.core) | frozenset(c.extra) for c in self.candidates]
+    def fresh(self) -> Formulation:
+        """A copy that shares this one's analysis of the profile, with no model
+        built yet (Note 10 rebuilds the model when chain members are added)."""
+        new = copy.copy(self)
+        new.vars, new.rows, new.objective, new._defs = [], [], {}, []
+        new._var_by_key, new._block_rows, new._active_vars = {}, {}, set()
+        new.no_goods, new.budget, new.peak_var = 0, None, None
+        return new
+
+    def initial_allowed(self, max_depth: int) -> list[frozenset[int]]:
+        """Note 10: the extra members reached through at most ``max_depth`` other
+        candidates' creators."""
+        return [frozenset(v for v, d in depths.items() if d <= max_depth) for depths in self.extra_depth]
+
+    def missing_members(self, recompute: frozenset[str]) -> dict[int, set[int]]:
+        """Note 10: nodes the plan's blocks replay that the model leaves out."""
+        out = {}
+        for a in recompute:
+            k = self.cand_id[a]
+            nodes = {self._idx[v] for v in self.mm.block(a, recompute).nodes}
+            miss = nodes - self._member_sets[k]
+            if miss:
+                out[k] = miss
+        return out
 
     def u(self, i: int) -> int | None:
         """Literal "node i is unavailable": ONE, an r, a u var, or None (never)."""
@@ -549,14 +615,23 @@ class Formulation:
         return self._var(("us", key[1]), UNIT, 0, 1, ("u", tuple(self.r(k) for k in ks)))
 
     # ---- building ------------------------------------------------------------
-    def build(self, *, budget: int | None, dense_rows: int = 10) -> None:
+    def build(
+        self, *, budget: int | None, dense_rows: int = 10, allowed: Sequence[frozenset[int]] | None = None
+    ) -> None:
         """Rows of Notes 1-3 and the core block rows (Note 4).
 
         With ``budget=None`` the memory rows bound a peak variable
         :attr:`peak_var` instead and the objective is that peak (minimum-peak
         mode, Note 8); rows that cannot exceed a lower bound on the peak are
-        left out either way.
+        left out either way. ``allowed`` keeps only those extra members of each
+        block (Note 10; default all).
         """
+        self.extra_of = [
+            c.extra if allowed is None else tuple(v for v in c.extra if v in allowed[k])
+            for k, c in enumerate(self.candidates)
+        ]
+        self._member_sets = [frozenset(c.core) | frozenset(e) for c, e in zip(self.candidates, self.extra_of)]
+        self.omitted = sum(len(c.extra) - len(e) for c, e in zip(self.candidates, self.extra_of))
         self.budget = None if budget is None else int(budget)
         self.threshold = self.peak_lower_bound() if budget is None else int(budget)
         cands = self.candidates
@@ -569,11 +644,12 @@ class Formulation:
         for k, c in enumerate(cands):
             self.objective[self.r(k)] = self.objective.get(self.r(k), 0.0) + c.core_time_s
             members = self._member_sets[k]
-            for v in c.extra:
+            pruned = self.pruned[k]
+            for v in self.extra_of[k]:
                 yv = self.y(k, v)
                 if self._time[v]:
                     self.objective[yv] = self.objective.get(yv, 0.0) + self._time[v]
-            for v in (*c.core, *c.extra):
+            for v in (*c.core, *self.extra_of[k]):
                 yv = self.y(k, v)
                 for i in self._inputs[v]:
                     if i in self._core_sets[k]:
@@ -582,6 +658,8 @@ class Formulation:
                     if ui is None:
                         continue
                     if i not in members:
+                        if i not in pruned:
+                            continue  # left out for now (Note 10): the block may stop here
                         # pruned (Note 6): v and u[i] cannot both hold in block k
                         if ui == ONE:
                             self._add_row(Row(name=f"prune_{k}_{v}_{i}", terms=((yv, 1),), hi=0))
@@ -624,9 +702,7 @@ class Formulation:
             self._add_row(Row(name=f"uhi_{v}", terms=((v, 1), *((r, -1) for r in rs)), hi=0))
         elif kind == "z":
             for j, lits in enumerate(d[1]):
-                row = _and_row(f"z_{v}_{j}", v, lits)
-                if row is not None:
-                    self._add_row(row)
+                self._add_row(_and_row(f"z_{v}_{j}", v, lits))
         elif kind == "l":
             _, reads, nxt = d
             for j, (yv, ux) in enumerate(reads):
@@ -649,8 +725,7 @@ class Formulation:
         ph, outs = mm.placeholder_storages, mm.output_storages
         points: dict[str, dict[tuple[int, int, int], list]] = {}
         for k, c in enumerate(self.candidates):
-            members = self._member_sets[k]
-            for v in (*c.core, *c.extra):
+            for v in (*c.core, *self.extra_of[k]):
                 for x in self._inputs[v]:
                     if x in self.always_unavailable or nodes[x].is_placeholder:
                         continue  # never a source / lives for the whole step
@@ -692,7 +767,7 @@ class Formulation:
 
     # ---- Note 3: rows at original nodes ------------------------------------------
     def _build_original_rows(self) -> None:
-        n, cands = self.n, self.candidates
+        n = self.n
         starts: dict[int, list[tuple[int, int]]] = {}
         breaks = {0}
         self.w_events = [(self._event_var(key), ev) for key, ev in self.event_lists]
