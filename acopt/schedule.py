@@ -170,6 +170,12 @@ class MemoryModel:
                     return False
         return True
 
+    def _replayable_cached(self, node: str) -> bool:
+        known = self.__dict__.setdefault("_replayable_memo", {})
+        if node not in known:
+            known[node] = self.replayable(node)
+        return known[node]
+
     @cached_property
     def candidates(self) -> tuple[str, ...]:
         """Activations a plan may recompute, in creation order."""
@@ -183,7 +189,7 @@ class MemoryModel:
                 block = self.block(s, frozenset({s}))
             except InvalidPlan:
                 continue
-            if all(self.replayable(v) for v in block.nodes):
+            if all(self._replayable_cached(v) for v in block.nodes):
                 out.append(s)
         return tuple(out)
 
@@ -257,6 +263,16 @@ class MemoryModel:
             (self.block(a, recompute) for a in recompute),
             key=lambda b: (b.position, self._index[self.profile.storage_by_name[b.activation].node], b.activation),
         )
+        # Rule 4 and the rewriter's side-effect rule hold for every block of the
+        # plan, not only for each candidate's own: a chain can reach nodes that
+        # no single candidate's block replays.
+        for b in blocks:
+            for v in b.nodes:
+                if not self._replayable_cached(v):
+                    raise InvalidPlan(
+                        f"plan cannot rebuild {b.activation!r}: its recompute block would replay {v!r}, "
+                        "which cannot be replayed (a side effect, or a value changed in place later)"
+                    )
         # Which block rebuilds each forward value that later nodes read instead.
         rebuilt: dict[str, str] = {}
         for b in blocks:
