@@ -15,6 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import acopt
 from acopt import models
+from acopt.profiler import allocator_peak_bytes
 from acopt.rewriter import recompute_blocks
 from acopt.schedule import InvalidPlan, MemoryModel
 
@@ -204,6 +205,29 @@ def _node_flops(node) -> int:
     with FlopCounterMode(display=False) as fc:
         node.target(*args, **kwargs)
     return fc.get_total_flops()
+
+
+@pytest.mark.parametrize("name", ["cnn", "transformer"])
+@pytest.mark.parametrize("solver", ["greedy", "ilp", "cpsat"])  # the dev extra installs the solvers
+def test_planner_plans_keep_training_bitwise_and_fit(name, solver):
+    """Greedy and exact plans at two budgets: bitwise training, the measured
+    storage peak is the simulated one, and the allocator's peak is within 2%."""
+    w, traced, prof, snapshot = _setup(name)
+    base = _run(traced, w, snapshot)
+    floor = acopt.floor(prof)
+    for frac in (0.25, 0.75):
+        budget = floor + int(frac * (prof.peak_bytes - floor))
+        options = {} if solver == "greedy" else {"time_limit_s": 30}
+        plan = acopt.plan(prof, budget=budget, solver=solver, **options)
+        assert plan.recompute, (solver, frac)
+        rewritten = acopt.rewrite(traced, plan, profile=prof)
+        _assert_bitwise(base, _run(rewritten, w, snapshot))
+        sim = acopt.simulate(prof, plan)
+        assert sim.peak_bytes <= budget
+        measured = acopt.profile(rewritten, *w.batch, warmup=0, iterations=1)
+        assert _storage_peak(measured) == _storage_peak_sim(prof, sim)
+        allocator = allocator_peak_bytes(rewritten, *w.batch)
+        assert abs(allocator - sim.peak_bytes) <= 0.02 * sim.peak_bytes, (allocator, sim.peak_bytes)
 
 
 def test_plan_for_another_graph_is_refused():
