@@ -112,3 +112,39 @@ def test_memory_helpers():
     mem = measure_peak(step, device="cpu", alive=lambda: [x])
     assert mem.base_bytes == 4000
     assert 2 << 20 <= mem.added_peak_bytes < (2 << 20) + 4096
+
+
+def test_cpu_generator_states_are_the_only_gap_between_measured_and_simulated(tmp_path):
+    """acopt keeps the generator state of each replayed random node (acopt.rng) outside the
+    graph: on CPU each is a 5056-byte allocation the simulator does not count. The harness
+    reports them (rng_states) and, with reserve_rng, plans below the budget by (k+1) states."""
+    from benchmarks.memory import state_tensors
+
+    config = _config(tmp_path)
+    ctx = harness.make_context(config, harness.ModelRun(name="transformer", batch_sizes=(4,)), 4)
+    w = ctx.workload
+    state = harness.rng_state_bytes("cpu")
+    assert state == torch.get_rng_state().nbytes > 0
+
+    def measured(prepared):
+        ctx.restore()
+        prepared.step(*w.batch)
+        alive = lambda: state_tensors(w.model, w.optimizer, w.batch)  # noqa: E731
+        return measure_peak(lambda: prepared.step(*w.batch), device="cpu", alive=alive).peak_bytes
+
+    # at the floor every candidate is recomputed, the dropout outputs among them
+    prepared = harness.acopt_step(ctx, "greedy", ctx.floor_bytes)
+    info = prepared.info
+    k = info["rng_states"]
+    assert k > 0 and info["planned_budget_bytes"] == ctx.floor_bytes
+    assert measured(prepared) - info["sim_peak_bytes"] == k * state == info["rng_state_bytes"]
+    # reserving: planned below the budget by (k+1) states, and the measured peak fits
+    budget = ctx.budget_bytes("act60%")
+    prepared = harness.acopt_step(ctx, "greedy", budget, reserve_rng=True)
+    info = prepared.info
+    k = info["rng_states"]
+    reserved = budget - info["planned_budget_bytes"]
+    assert reserved >= (k + 1) * state if k else reserved >= 0
+    peak = measured(prepared)
+    assert peak - info["sim_peak_bytes"] == k * state
+    assert peak <= budget
