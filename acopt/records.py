@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import gzip
 import json
 from collections.abc import Mapping
 from functools import cached_property
@@ -204,13 +205,23 @@ class Profile:
             raise ValueError(f"corrupt acopt profile: {e}") from e
 
     def to_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+        """Write JSON; a path ending in ``.gz`` is gzip-compressed (deterministic: no mtime)."""
+        text = json.dumps(self.to_dict(), indent=1)
+        if str(path).endswith(".gz"):
+            with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as f:
+                f.write(text.encode())
+        else:
+            Path(path).write_text(text)
 
     @classmethod
     def from_json(cls, path: str | Path) -> Profile:
+        """Read JSON written by :meth:`to_json`; gzip is detected by its magic bytes, not the name."""
         try:
-            data = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as e:
+            raw = Path(path).read_bytes()
+            if raw[:2] == b"\x1f\x8b":
+                raw = gzip.decompress(raw)
+            data = json.loads(raw)
+        except (json.JSONDecodeError, gzip.BadGzipFile, EOFError, UnicodeDecodeError) as e:
             raise ValueError(f"corrupt acopt profile {path}: {e}") from e
         return cls.from_dict(data)
 
