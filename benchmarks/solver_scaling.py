@@ -5,7 +5,7 @@ no-recompute peak, run the greedy and each exact planner (default options,
 ``--time-limit`` per solve) and print one row per solve::
 
     python benchmarks/solver_scaling.py --model resnet152 --model bert-base
-    python benchmarks/solver_scaling.py --profile out/resnet152_bs8.profile.json
+    python benchmarks/solver_scaling.py --profile benchmarks/profiles/resnet152_bs8.profile.json.gz
     python benchmarks/solver_scaling.py --synthetic 400 --synthetic 1600
 
 ``--model`` traces the built-in workload (acopt.models) and profiles it with
@@ -18,15 +18,21 @@ add every third layer, mirrored backward, SGD).
 from __future__ import annotations
 
 import argparse
+import csv
+import gzip
+import json
+import os
+import re
 import sys
 import time
 import warnings
 from pathlib import Path
 
-import acopt
-from acopt.planning import floor, no_recompute_peak
-from acopt.records import NodeRecord, Profile, ProfileMeta, Region, Role, StorageRecord
-from acopt.simulator import memory_model
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import acopt  # noqa: E402
+from acopt.planning import floor, no_recompute_peak  # noqa: E402
+from acopt.records import NodeRecord, Profile, ProfileMeta, Region, Role, StorageRecord  # noqa: E402
 
 F, B, O = Region.FORWARD, Region.BACKWARD, Region.OPTIMIZER
 
@@ -106,62 +112,142 @@ def model_profile(name: str, batch_size: int, cache: Path | None) -> Profile:
     return prof
 
 
-def run(profiles: list[tuple[str, Profile]], *, fractions, solvers, time_limit: float) -> None:
+_SIZE = re.compile(
+    r"(?P<iters>\d+) solve\(s\), (?P<lazy>\d+) lazy block row\(s\), (?P<cuts>\d+) cut\(s\), "
+    r"(?P<pruned>\d+) chain member\(s\) pruned by cost, (?P<rebuilds>\d+) rebuild\(s\) adding "
+    r"(?P<columns>\d+) chain member\(s\); build (?P<build>[0-9.]+) s, solve (?P<solve>[0-9.]+) s"
+)
+
+COLUMNS = (
+    "model", "profile", "budget", "budget_bytes", "solver", "status", "cost_s", "greedy_s", "gap", "bound_s",
+    "rows", "vars", "build_s", "solve_s", "wall_s", "solves", "rebuilds", "lazy_rows", "cuts", "load1",
+)  # fmt: skip
+
+
+def load_profile(path: str | Path) -> Profile:
+    """A saved profile, plain or gzip-compressed JSON."""
+    raw = Path(path).read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    return Profile.from_dict(json.loads(raw))
+
+
+def _effort(plan) -> dict:
+    """Solves, rebuilds, lazy rows, build and solve time from an exact plan's size note."""
+    for note in plan.stats.notes if plan.stats else ():
+        m = _SIZE.search(note)
+        if m:
+            d = m.groupdict()
+            return {k: (float(v) if k in ("build", "solve") else int(v)) for k, v in d.items()}
+    return {}
+
+
+def run(profiles, *, fractions, solvers, time_limit: float, options: dict, out_csv: Path | None = None) -> list[dict]:
+    """Solve every profile at every budget with the greedy and each planner; print and return one row each."""
     header = (
-        f"{'profile':<16} {'nodes':>6} {'cands':>5} {'budget':>6} {'solver':<7} {'status':<10} "
-        f"{'time s':>7} {'recompute s':>12} {'bound s':>10} {'gap':>7} {'vars':>7} {'rows':>7} {'vs greedy':>9}"
+        f"{'profile':<22} {'budget':>6} {'solver':<7} {'status':<10} {'cost s':>10} {'greedy s':>10} "
+        f"{'gap':>7} {'bound s':>10} {'rows':>6} {'vars':>6} {'build':>6} {'solve':>6} {'wall':>6} "
+        f"{'solves':>6} {'rebld':>5} {'lazy':>5} {'load':>5}"
     )
     print(header)
-    print("-" * len(header))
-    for label, prof in profiles:
-        lo, hi = floor(prof), no_recompute_peak(prof)
-        n_cands = len(memory_model(prof).candidates)
-        for frac in fractions:
-            budget = int(lo + frac * (hi - lo))
-            t0 = time.perf_counter()
-            greedy = acopt.plan(prof, budget=budget, solver="greedy")
-            rows = [("greedy", greedy, time.perf_counter() - t0)]
-            for solver in solvers:
+    print("-" * len(header), flush=True)
+    records = []
+    writer = None
+    fh = None
+    if out_csv is not None:
+        fh = open(out_csv, "w", newline="")
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+        writer.writeheader()
+    try:
+        for label, source, prof in profiles:
+            lo, hi = floor(prof), no_recompute_peak(prof)
+            for frac in fractions:
+                budget = int(lo + frac * (hi - lo))
                 t0 = time.perf_counter()
-                plan = acopt.plan(prof, budget=budget, solver=solver, time_limit_s=time_limit)
-                rows.append((solver, plan, time.perf_counter() - t0))
-            for solver, plan, took in rows:
-                st = plan.stats
-                bound = "" if plan.bound is None else f"{plan.bound:.6f}"
-                gap = "" if plan.gap is None else f"{100 * plan.gap:.2f}%"
-                ratio = plan.recompute_time_s / greedy.recompute_time_s if greedy.recompute_time_s else 1.0
-                print(
-                    f"{label:<16} {len(prof.nodes):>6} {n_cands:>5} {int(100 * frac):>5}% {solver:<7} "
-                    f"{plan.status.value:<10} {took:>7.1f} {plan.recompute_time_s:>12.6f} {bound:>10} {gap:>7} "
-                    f"{(st.variables if st and st.variables else ''):>7} {(st.constraints if st and st.constraints else ''):>7} "
-                    f"{ratio:>9.4f}",
-                    flush=True,
-                )
+                greedy = acopt.plan(prof, budget=budget, solver="greedy")
+                rows = [("greedy", greedy, time.perf_counter() - t0)]
+                for solver in solvers:
+                    t0 = time.perf_counter()
+                    plan = acopt.plan(prof, budget=budget, solver=solver, time_limit_s=time_limit, **options)
+                    rows.append((solver, plan, time.perf_counter() - t0))
+                for solver, plan, took in rows:
+                    st = plan.stats
+                    eff = _effort(plan)
+                    rec = dict(
+                        model=label, profile=source, budget=f"{round(100 * frac)}%", budget_bytes=budget,
+                        solver=solver, status=plan.status.value, cost_s=plan.recompute_time_s,
+                        greedy_s=greedy.recompute_time_s, gap=plan.gap, bound_s=plan.bound,
+                        rows=st.constraints if st else None, vars=st.variables if st else None,
+                        build_s=eff.get("build"), solve_s=eff.get("solve"), wall_s=took, solves=eff.get("iters"),
+                        rebuilds=eff.get("rebuilds"), lazy_rows=eff.get("lazy"), cuts=eff.get("cuts"),
+                        load1=os.getloadavg()[0],
+                    )  # fmt: skip
+                    records.append(rec)
+                    if writer is not None:
+                        writer.writerow(rec)
+                        fh.flush()
+
+                    def f(v, fmt):
+                        return "" if v is None else format(v, fmt)
+
+                    print(
+                        f"{label:<22} {rec['budget']:>6} {solver:<7} {rec['status']:<10} {rec['cost_s']:>10.6f} "
+                        f"{rec['greedy_s']:>10.6f} {f(plan.gap, '.2%'):>7} "
+                        f"{f(plan.bound, '.6f'):>10} {f(rec['rows'], 'd'):>6} {f(rec['vars'], 'd'):>6} "
+                        f"{f(rec['build_s'], '.1f'):>6} {f(rec['solve_s'], '.1f'):>6} {took:>6.1f} "
+                        f"{f(rec['solves'], 'd'):>6} {f(rec['rebuilds'], 'd'):>5} {f(rec['lazy_rows'], 'd'):>5} "
+                        f"{rec['load1']:>5.2f}",
+                        flush=True,
+                    )
+    finally:
+        if fh is not None:
+            fh.close()
+    return records
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", action="append", default=[], help="built-in workload, fake-profiled (repeatable)")
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--profile", action="append", default=[], help="a saved profile JSON (repeatable)")
+    ap.add_argument("--profile", action="append", default=[], help="a saved profile, .json or .json.gz (repeatable)")
     ap.add_argument("--synthetic", action="append", type=int, default=[], help="layers of a synthetic chain")
     ap.add_argument("--cache", type=Path, default=None, help="directory to keep --model profiles in")
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.5, 0.75], help="fractions floor -> peak")
     ap.add_argument("--solvers", nargs="+", default=["ilp", "cpsat"])
     ap.add_argument("--time-limit", type=float, default=60.0)
+    ap.add_argument("--threads", type=int, default=None, help="solver threads (default: the planners' own, 2)")
+    ap.add_argument(
+        "--chain-depth", default=None, help="solvers/model.py Note 10 chain_depth: an int, or 'all' (every member up front)"
+    )
+    ap.add_argument("--verbose", action="store_true", help="the lazy loop's builds and solves on stderr")
+    ap.add_argument("--csv", type=Path, default=None, help="also write the rows to this CSV file")
     args = ap.parse_args(argv)
     warnings.simplefilter("ignore", DeprecationWarning)
+    options: dict = {}
+    if args.threads is not None:
+        options["threads"] = args.threads
+    if args.chain_depth is not None:
+        options["chain_depth"] = None if args.chain_depth in ("all", "none", "None") else int(args.chain_depth)
+    if args.verbose:
+        options["verbose"] = True
+    print(f"# {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}, load average "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}, {os.cpu_count()} cpus, options {options or 'default'}")
     profiles = []
     for name in args.model:
-        profiles.append((f"{name}/bs{args.batch_size}", model_profile(name, args.batch_size, args.cache)))
+        profiles.append((f"{name}/bs{args.batch_size}", f"fake ({name}, bs {args.batch_size})",
+                         model_profile(name, args.batch_size, args.cache)))  # fmt: skip
     for path in args.profile:
-        prof = Profile.from_json(path)
-        profiles.append((prof.meta.model or Path(path).stem, prof))
+        prof = load_profile(path)
+        label = prof.meta.model or Path(path).stem
+        if prof.meta.batch_size:
+            label += f"/bs{prof.meta.batch_size}"
+        profiles.append((label, Path(path).name, prof))
     for layers in args.synthetic:
-        profiles.append((f"synthetic{layers}", synthetic(layers)))
+        profiles.append((f"synthetic{layers}", "synthetic", synthetic(layers)))
     if not profiles:
         ap.error("give at least one --model, --profile or --synthetic")
-    run(profiles, fractions=args.budgets, solvers=args.solvers, time_limit=args.time_limit)
+    run(profiles, fractions=args.budgets, solvers=args.solvers, time_limit=args.time_limit, options=options,
+        out_csv=args.csv)  # fmt: skip
     return 0
 
 

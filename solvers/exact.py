@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from acopt.planning import Plan, PlanStatus, SolverStats, assemble_plan
 from acopt.records import Profile
+from acopt.schedule import InvalidPlan
 from acopt.simulator import simulate
 from solvers.model import Formulation, ModelSize
 
@@ -69,6 +70,8 @@ class Outcome:
     build_time_s: float
     solve_time_s: float
     notes: tuple[str, ...]
+    rebuilds: int = 0  # model.py Note 10
+    columns: int = 0  # chain members added by the rebuilds (Note 10)
 
 
 def solve(
@@ -80,6 +83,7 @@ def solve(
     rel_gap: float = 0.0,
     incumbent: frozenset[str] | None = None,
     chain_depth: int | None = 1,
+    log: Callable[[str], None] | None = None,
 ) -> Outcome:
     """Minimise recompute time under ``budget``, or (``budget=None``) the peak.
 
@@ -87,7 +91,8 @@ def solve(
     the answer at the time limit, and the cost bound of model.py Note 6.
     ``chain_depth``: start with chains through at most this many other
     candidates and add members as plans need them (model.py Note 10); None
-    builds every chain member up front.
+    builds every chain member up front. ``log``: called with one line per
+    build and per solve (model size, solver status, time, what the loop did).
     """
     t0 = time.perf_counter()
     deadline = t0 + time_limit_s
@@ -100,7 +105,12 @@ def solve(
 
     best, best_value = None, math.inf
     if incumbent is not None:
-        peak, val = value(incumbent)
+        try:
+            peak, val = value(incumbent)
+        except InvalidPlan as e:
+            notes.append(f"warm start ignored: {e}")
+            incumbent = None
+    if incumbent is not None:
         if peak_mode or peak <= budget:
             best, best_value = incumbent, val
         else:
@@ -133,6 +143,13 @@ def solve(
             f.add_no_good(plan) if peak is None else f.add_peak_cut(plan, peak)
         backend = make_backend(f)
         build_time += time.perf_counter() - b0
+        if log is not None:
+            sz = f.size()
+            log(
+                f"build {rebuilds}: {sz.variables} vars ({sz.binaries} binary), {sz.rows} rows, "
+                f"{sz.nonzeros} nonzeros, {f.omitted} chain member(s) left out (Note 10), "
+                f"{time.perf_counter() - b0:.2f} s"
+            )
         while True:
             left = deadline - time.perf_counter()
             if left <= 0:
@@ -143,7 +160,14 @@ def solve(
                 hint = f.assignment(best)
                 if peak_mode:
                     hint[f.peak_var] = best_value
+            s0 = time.perf_counter()
+            rows_before = len(f.rows)
             res = backend.solve(time_limit_s=left, hint=hint)
+            if log is not None:
+                log(
+                    f"solve {iterations}: {res.status}, objective {res.objective}, bound {res.bound}, "
+                    f"{rows_before} rows, {time.perf_counter() - s0:.2f} s"
+                )
             if res.status == INFEASIBLE:
                 if best is None:
                     status = INFEASIBLE
@@ -162,6 +186,8 @@ def solve(
                     columns += len(nodes)
                 kept_rows |= {key for key, at in f._block_rows.items() if at is not None}
                 rebuilds += 1
+                if log is not None:
+                    log(f"  plan replays {sum(map(len, missing.values()))} chain member(s) left out: rebuild")
                 rebuild = True
                 break
             limit = res.x[f.peak_var] if peak_mode else budget
@@ -169,8 +195,16 @@ def solve(
             if new:
                 for k, w in new:
                     lazy += f.activate_block_row(k, w)
+                if log is not None:
+                    log(f"  plan violates {len(new)} block row(s) not in the model: added")
                 continue
-            peak, val = value(plan)
+            try:
+                peak, val = value(plan)
+            except InvalidPlan as e:  # cannot happen with Note 11; never accept it
+                notes.append(f"cut off an invalid plan: {e}")
+                cuts.append((plan, None))
+                f.add_no_good(plan)
+                continue
             if peak > limit + (0.5 if peak_mode else 0):
                 model_peak = f.predicted_peak(plan)
                 why = "numerical tolerance" if model_peak > limit else "model.py Note 7 relaxation"
@@ -180,6 +214,8 @@ def solve(
                     f.add_peak_cut(plan, peak)
                 else:
                     f.add_no_good(plan)
+                if log is not None:
+                    log(f"  {notes[-1]}")
                 continue
             if val < best_value or best is None:
                 best, best_value = plan, val
@@ -195,6 +231,7 @@ def solve(
     common = dict(
         size=size, exact_model=not f.irregular, iterations=iterations, lazy_rows=lazy, no_goods=len(cuts),
         pruned=f.pruned_count, build_time_s=build_time, solve_time_s=solve_time - build_time,
+        rebuilds=rebuilds, columns=columns,
     )  # fmt: skip
     if best is None:
         return Outcome(
@@ -246,9 +283,10 @@ def run(
             if warm.fits:
                 incumbent = warm.recompute
                 greedy_note = f"greedy warm start: {warm.recompute_time_s:.6g} s"
+    log = _stderr_log if getattr(options, "verbose", False) else None
     out = solve(
         profile, budget=budget_bytes, make_backend=make_backend, time_limit_s=options.time_limit_s,
-        rel_gap=options.rel_gap, incumbent=incumbent,
+        rel_gap=options.rel_gap, incumbent=incumbent, chain_depth=getattr(options, "chain_depth", 1), log=log,
     )  # fmt: skip
     notes = [greedy_note] if greedy_note else []
     notes += list(out.notes)
@@ -279,13 +317,19 @@ def run(
     )  # fmt: skip
 
 
+def _stderr_log(line: str) -> None:
+    import sys
+
+    print(f"[exact] {line}", file=sys.stderr, flush=True)
+
+
 def _size_note(out: Outcome) -> str:
     s = out.size
     return (
         f"model: {s.variables} variables ({s.binaries} binary), {s.rows} rows, {s.nonzeros} nonzeros; "
         f"{out.iterations} solve(s), {out.lazy_rows} lazy block row(s), {out.no_goods} cut(s), "
-        f"{out.pruned} chain member(s) pruned by cost; build {out.build_time_s:.2f} s, "
-        f"solve {out.solve_time_s:.2f} s"
+        f"{out.pruned} chain member(s) pruned by cost, {out.rebuilds} rebuild(s) adding {out.columns} "
+        f"chain member(s); build {out.build_time_s:.2f} s, solve {out.solve_time_s:.2f} s"
     )
 
 
@@ -296,7 +340,13 @@ def _infeasible(profile, budget_bytes, options, solver, make_backend, out, notes
 
     left = max(1.0, options.time_limit_s - (time.perf_counter() - started))
     all_cands = frozenset(memory_model(profile).candidates)
-    start = min((frozenset(), all_cands), key=lambda p: simulate(profile, p).peak_bytes)
+    starts = []
+    for p in (frozenset(), all_cands):
+        try:
+            starts.append((simulate(profile, p).peak_bytes, len(starts), p))
+        except InvalidPlan:  # a chain replays a node that cannot be replayed (model.py Note 11)
+            pass
+    start = min(starts)[2]
     low = solve(profile, budget=None, make_backend=make_backend, time_limit_s=left, incumbent=start)
     rule6 = floor(profile)
     if low.status == OPTIMAL:

@@ -117,6 +117,14 @@ member the model left out, exact.py adds those members, rebuilds, keeps the
 lazy rows and cuts found so far, and solves again. A plan is only accepted
 once the model represents every node its blocks replay, so the optimum is
 the optimum of the full model.
+
+Note 11 (members that cannot be replayed, exact). Every node of a
+candidate's own block is replayable (that makes it a candidate), but a chain
+can reach a node that is not (a side effect, or a value written in place
+later): a plan whose block would replay it is invalid (``MemoryModel.schedule``
+raises). Such extra members get ``y = 0``, so by Note 2 the plan never makes
+them unavailable on the way; they are in the model from the first build
+(Note 10 never leaves them out), and Note 6 may prune them as usual.
 """
 
 from __future__ import annotations
@@ -407,6 +415,11 @@ class Formulation:
         for k in self.by_order:
             self.at_position.setdefault(cands[k].position, []).append(k)
         self._prune_extra()
+        # Note 11: extra members a block may never replay.
+        replayable = self.mm.replayable
+        self.unreplayable: list[frozenset[int]] = [
+            frozenset(v for v in c.extra if not replayable(nodes[v].name)) for c in self.candidates
+        ]
         self._creators = {c.created for c in self.candidates}
         self.extra_depth = [self._chain_depths(k, c) for k, c in enumerate(self.candidates)]
         # Note 3 (a) and Note 7: what each decision changes at original nodes, as
@@ -577,8 +590,11 @@ class Formulation:
 
     def initial_allowed(self, max_depth: int) -> list[frozenset[int]]:
         """Note 10: the extra members reached through at most ``max_depth`` other
-        candidates' creators."""
-        return [frozenset(v for v, d in depths.items() if d <= max_depth) for depths in self.extra_depth]
+        candidates' creators, and every member no block may replay (Note 11)."""
+        return [
+            frozenset(v for v, d in depths.items() if d <= max_depth) | bad
+            for depths, bad in zip(self.extra_depth, self.unreplayable)
+        ]
 
     def missing_members(self, recompute: frozenset[str]) -> dict[int, set[int]]:
         """Note 10: nodes the plan's blocks replay that the model leaves out."""
@@ -649,6 +665,8 @@ class Formulation:
                 yv = self.y(k, v)
                 if self._time[v]:
                     self.objective[yv] = self.objective.get(yv, 0.0) + self._time[v]
+                if v in self.unreplayable[k]:  # Note 11
+                    self._add_row(Row(name=f"noreplay_{k}_{v}", terms=((yv, 1),), hi=0))
             for v in (*c.core, *self.extra_of[k]):
                 yv = self.y(k, v)
                 for i in self._inputs[v]:

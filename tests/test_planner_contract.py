@@ -35,6 +35,7 @@ from acopt.planning import (
     planners,
 )
 from acopt.records import NodeRecord, Profile, ProfileMeta, Region, StorageRecord
+from acopt.schedule import InvalidPlan
 from acopt.simulator import memory_model, simulate
 from tests.strategies import chain_profile, profiles
 
@@ -189,6 +190,37 @@ def mlp() -> Profile:
     return chain_profile(3)
 
 
+def unreplayable() -> Profile:
+    """A chain may reach a node that no block may replay (solvers/model.py Note 11).
+
+    a = f(x) 100 B, 1 s; i = a view of a that cannot be replayed (forward only);
+    b = f(i) 100 B, 2 s; loss = f(b). Backward: g1 200 B, g2 10 B, gb reads b,
+    ga reads a. Empty plan: 410 at g2. {a}: 310 (a's block replays a alone);
+    {b}: 310 (b's block reads i, which a keeps alive). {a, b} would be 210, but
+    b's block would then have to replay i: not a valid plan (the schedule
+    refuses it). Optimum: budget 310..409 -> {a}, 1 s; below 310 nothing fits.
+    """
+    x = NodeRecord(name="x", op="placeholder", region=F, storages=("x",), allocates=("x",))
+    nodes = [x]
+    storages = [StorageRecord(name="x", bytes=0, node="x")]
+    for name, region, inputs, nbytes, t in (
+        ("a", F, ("x",), 100, 1.0), ("i", F, ("a",), None, 0.0), ("b", F, ("i",), 100, 2.0),
+        ("loss", F, ("b",), 0, 0.0), ("g1", B, ("loss",), 200, 0.0), ("g2", B, ("g1",), 10, 0.0),
+        ("gb", B, ("g2", "b"), 10, 0.0), ("ga", B, ("gb", "a"), 10, 0.0),
+    ):  # fmt: skip
+        if nbytes is None:  # the view: refers to a's storage, allocates nothing
+            nodes.append(
+                NodeRecord(name=name, op="op", region=region, inputs=inputs, storages=("a",), recomputable=False)
+            )
+            continue
+        nodes.append(
+            NodeRecord(name=name, op="op", region=region, inputs=inputs, storages=(name,), allocates=(name,), time_s=t)
+        )
+        storages.append(StorageRecord(name=name, bytes=nbytes, node=name))
+    nodes.append(NodeRecord(name="output", op="output", region=O, inputs=("loss", "ga"), recomputable=False))
+    return Profile(nodes=tuple(nodes), storages=tuple(storages), meta=ProfileMeta(model="contract"))
+
+
 @dataclasses.dataclass(frozen=True)
 class Case:
     name: str
@@ -212,6 +244,7 @@ CASES = [
     Case("extension-one", extension, 360, 1.0, frozenset({"a"})),
     Case("extension-extended", extension, 320, 3.0, frozenset({"s", "a"})),
     Case("mlp-floor", lambda: mlp(), 4504, 0.0015, frozenset({"relu0"})),
+    Case("unreplayable-chain", unreplayable, 310, 1.0, frozenset({"a"})),
 ]
 
 
@@ -221,7 +254,10 @@ def _enumerate(profile: Profile, budget: int) -> float | None:
     best = None
     for k in range(len(cands) + 1):
         for combo in itertools.combinations(cands, k):
-            sim = simulate(profile, combo)
+            try:
+                sim = simulate(profile, combo)
+            except InvalidPlan:  # a chain that replays what cannot be replayed
+                continue
             if sim.peak_bytes <= budget and (best is None or sim.recompute_time_s < best):
                 best = sim.recompute_time_s
     return best
@@ -272,6 +308,33 @@ def test_below_least_peak_is_infeasible(name: str):
     assert result.status == PlanStatus.INFEASIBLE
     assert any("400 bytes (proven)" in n for n in result.stats.notes), result.stats.notes
     assert simulate(transient(), result).peak_bytes == 400
+
+
+@pytest.mark.parametrize("name", EXACT)
+def test_chain_through_unreplayable_node_is_never_planned(name: str):
+    """Below 310 only {a, b} would fit ``unreplayable``, and it is invalid: the
+    exact planners prove that no plan fits (solvers/model.py Note 11), from the
+    first model and with every chain member up front alike."""
+    profile = unreplayable()
+    with pytest.raises(InvalidPlan):
+        simulate(profile, {"a", "b"})
+    for depth in (0, None):
+        result = _direct(name, profile, 250, chain_depth=depth)
+        assert result.status == PlanStatus.INFEASIBLE
+        assert any("310 bytes (proven)" in n for n in result.stats.notes), result.stats.notes
+        assert result.recompute in (frozenset({"a"}), frozenset({"b"}))
+
+
+@pytest.mark.parametrize("name", EXACT)
+@pytest.mark.parametrize("depth", [0, 1, None])
+def test_chain_depth_keeps_the_optimum(name: str, depth):
+    """Note 10: chain members on demand (any depth) or all up front reach the
+    same proven optimum; depth 0 must add chain members to get there."""
+    profile = chain()
+    result = _direct(name, profile, 360, chain_depth=depth)
+    assert result.status == PlanStatus.OPTIMAL
+    assert result.recompute_time_s == pytest.approx(3.0, rel=1e-9)
+    assert result.bound == pytest.approx(3.0, rel=1e-9)
 
 
 @pytest.mark.parametrize("name", EXACT)
