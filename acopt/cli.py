@@ -285,6 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("solvers", help="list the registered planners")
     sp.set_defaults(fn=cmd_solvers)
 
+    sp = sub.add_parser("compare", help="compare acopt's and PyTorch's solvers on saved profiles (docs/solvers.md)")
+    _compare_module().add_compare_arguments(sp)
+    sp.set_defaults(fn=cmd_compare)
+
     sp = sub.add_parser("bench", add_help=False, help="benchmark harness: memory, time, numerics vs baselines (acopt bench --help)")
     sp.add_argument("args", nargs=argparse.REMAINDER)
     sp.set_defaults(fn=lambda a: cmd_bench(a.args))
@@ -299,6 +303,24 @@ def cmd_solvers(args) -> int:
         needs = ", ".join(spec.requires) or "-"
         print(f"{name:10s} {kind:9s} needs: {needs}")
     return 0
+
+
+def _compare_module():
+    """benchmarks/compare.py of the repository (on sys.path, or next to an editable install)."""
+    try:
+        import benchmarks.compare as compare
+    except ImportError:
+        root = Path(__file__).resolve().parent.parent
+        if not (root / "benchmarks" / "compare.py").exists():
+            raise ImportError("acopt compare needs the repository's benchmarks/ (run it from a source checkout)") from None
+        sys.path.insert(0, str(root))
+        import benchmarks.compare as compare
+    return compare
+
+
+def cmd_compare(args) -> int:
+    """``acopt compare ...`` = ``python -m benchmarks.compare run ...``: every plan simulated, CSV/markdown/PNG."""
+    return _compare_module().cmd_run(args)
 
 
 def cmd_bench(argv: list[str]) -> int:

@@ -225,7 +225,12 @@ def resolve_budgets(profile, budgets) -> list[tuple[str, int]]:
 
 def compare_profile(profile, *, label: str = "", budgets=DEFAULT_BUDGETS, solvers=SOLVERS,
                     time_limit_s: float = 60.0, threads: int = 2, progress=None) -> list[dict]:  # fmt: skip
-    """One row per (budget, solver): every plan evaluated by acopt's simulator."""
+    """One row per (budget, solver): every plan evaluated by acopt's simulator.
+
+    Each row has the :data:`COLUMNS` and ``plan``, the recompute set (absent
+    when the solver failed). ``gap`` is (recompute time - optimum) / optimum
+    for plans that fit, where ilp or cpsat proved an optimum at that budget.
+    """
     import acopt
     from acopt.planning import floor, no_recompute_peak
     from acopt.schedule import InvalidPlan
@@ -264,7 +269,7 @@ def compare_profile(profile, *, label: str = "", budgets=DEFAULT_BUDGETS, solver
                 row.update(
                     simulated_peak_bytes=sim.peak_bytes, fits=sim.peak_bytes <= budget,
                     recompute_time_s=sim.recompute_time_s, solve_time_s=solve_time, status=status,
-                    recomputed=len(recompute),
+                    recomputed=len(recompute), plan=frozenset(recompute),
                 )  # fmt: skip
             group.append(row)
             if progress:
@@ -340,7 +345,7 @@ def pareto_plot(rows: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
     budgets = sorted({r["budget_bytes"] for r in rows})
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, b in enumerate(budgets):
@@ -359,7 +364,7 @@ def pareto_plot(rows: list[dict], path: Path, title: str) -> None:
     ax.set_ylabel("peak, simulated (MiB)")
     ax.set_title(title + "\n(dashed: budgets, same colour as their plans; hollow: over budget; "
                  "solid black: no recompute; dotted: floor)", fontsize=8)  # fmt: skip
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -372,7 +377,7 @@ def write_outputs(rows: list[dict], out: Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = {"csv": out / "compare.csv", "md": out / "compare.md"}
     with open(paths["csv"], "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")  # "plan": the set, not written
         w.writeheader()
         w.writerows(rows)
     paths["md"].write_text("## Summary\n\n" + summary_table(rows) + "\n## All plans\n\n" + markdown_table(rows))

@@ -34,3 +34,115 @@ def test_corrupt_gz_profile_is_a_value_error(tmp_path):
     (tmp_path / "bad2.json.gz").write_bytes(gzip.compress(b"{not json"))
     with pytest.raises(ValueError, match="corrupt acopt profile"):
         Profile.from_json(tmp_path / "bad2.json.gz")
+
+
+# ---- the comparison ------------------------------------------------------------
+compare = pytest.importorskip("benchmarks.compare")
+pytest.importorskip("pulp")
+pytest.importorskip("ortools")
+
+import acopt  # noqa: E402
+from acopt.planning import floor, no_recompute_peak  # noqa: E402
+from acopt.simulator import memory_model  # noqa: E402
+
+MLP = compare.PROFILES_DIR / "mlp_bs512.profile.json"
+
+
+@pytest.fixture(scope="module")
+def chain_rows():
+    prof = chain_profile(6)
+    return prof, compare.compare_profile(prof, label="chain6", time_limit_s=20)
+
+
+def test_every_solver_gets_a_row_per_budget(chain_rows):
+    prof, rows = chain_rows
+    assert len(rows) == len(compare.DEFAULT_BUDGETS) * len(compare.SOLVERS)
+    lo, hi = floor(prof), no_recompute_peak(prof)
+    budgets = sorted({r["budget_bytes"] for r in rows})
+    assert budgets == [int(lo + f * (hi - lo)) for f in (0.25, 0.5, 0.75)]
+    for b in budgets:
+        assert [r["solver"] for r in rows if r["budget_bytes"] == b] == list(compare.SOLVERS)
+    for r in rows:
+        assert r["status"] not in ("error", "invalid plan"), r["notes"]
+        assert set(compare.COLUMNS) <= set(r)
+        assert r["candidates"] == len(memory_model(prof).candidates)
+
+
+def test_reported_peaks_and_times_are_the_simulators(chain_rows):
+    prof, rows = chain_rows
+    for r in rows:
+        sim = acopt.simulate(prof, r["plan"])
+        assert r["simulated_peak_bytes"] == sim.peak_bytes
+        assert r["recompute_time_s"] == pytest.approx(sim.recompute_time_s, rel=1e-12, abs=1e-15)
+        assert r["fits"] is (sim.peak_bytes <= r["budget_bytes"])
+        assert r["recomputed"] == len(r["plan"])
+    # acopt's planners always fit; the knapsack solvers do not on this chain (they
+    # recompute the last layers, whose activations are needed first in the backward)
+    assert all(r["fits"] for r in rows if r["solver"] in compare.ACOPT_SOLVERS)
+    assert not all(r["fits"] for r in rows if r["solver"] in compare.TORCH_SOLVERS)
+
+
+def test_proven_optimum_is_never_worse_than_a_plan_that_fits(chain_rows):
+    _, rows = chain_rows
+    for b in {r["budget_bytes"] for r in rows}:
+        group = [r for r in rows if r["budget_bytes"] == b]
+        proven = [r for r in group if r["solver"] in compare.EXACT and r["status"] == "optimal"]
+        assert proven, "ilp and cpsat prove optimality on a 6-layer chain"
+        opt = min(r["recompute_time_s"] for r in proven)
+        for r in group:
+            assert r["optimum_s"] == opt
+            if r["fits"]:
+                assert r["recompute_time_s"] >= opt * (1 - 1e-9)
+                assert r["gap"] == pytest.approx((r["recompute_time_s"] - opt) / opt if opt else 0.0)
+            else:
+                assert r["gap"] == ""
+
+
+def test_knapsack_inputs_and_budget_mapping():
+    prof = chain_profile(4)
+    ks = compare.knapsack_of(prof)
+    mm = memory_model(prof)
+    assert ks.names == mm.candidates
+    assert ks.bytes == tuple(prof.storage_by_name[a].bytes for a in ks.names)
+    assert ks.times == tuple(mm.block(a, frozenset({a})).time_s for a in ks.names)
+    assert ks.times == (1.5e-3,) * 4  # mm + relu of one layer
+    peak = no_recompute_peak(prof)
+    # max_memory = (sum(bytes) - (P - B)) / sum(bytes): saved fraction of all candidate bytes
+    assert ks.max_memory(peak, peak) == 1.0
+    assert ks.max_memory(peak, peak - 1000) == pytest.approx(0.75)
+    assert ks.max_memory(peak, 0) == 0.0
+    t = compare.torch_plan(prof, peak - 2000, "torch-ilp", ks)
+    assert t["knapsack_peak_bytes"] <= peak - 2000 and len(t["recompute"]) == 2
+
+
+@pytest.mark.skipif(not MLP.exists(), reason="the corpus is not in this checkout")
+def test_knapsack_times_are_the_profiles_single_recompute_times():
+    prof = Profile.from_json(MLP)
+    ks = compare.knapsack_of(prof)
+    assert ks.names and ks.times == tuple(prof.activation_by_name[a].recomp_time_s for a in ks.names)
+
+
+def test_budget_specs():
+    prof = chain_profile(4)
+    lo, hi = floor(prof), no_recompute_peak(prof)
+    out = compare.resolve_budgets(prof, ["0", "0.5", "1", "90%", "5000"])
+    assert [b for _, b in out] == [lo, int(lo + (hi - lo) / 2), hi, int(hi * 0.9), 5000]
+
+
+@pytest.mark.skipif(not MLP.exists(), reason="the corpus is not in this checkout")
+def test_cli_compare_writes_csv_markdown_and_plots(tmp_path):
+    import csv
+
+    from acopt.cli import main
+
+    rc = main(["compare", str(MLP), "--budgets", "0.5", "--time-limit", "10", "--out", str(tmp_path)])
+    assert rc == 0
+    with open(tmp_path / "compare.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["solver"] for r in rows] == list(compare.SOLVERS)
+    assert all(r["profile"] == "mlp_bs512" and r["model"] == "mlp" for r in rows)
+    assert list(rows[0]) == list(compare.COLUMNS)
+    md = (tmp_path / "compare.md").read_text()
+    assert "| torch-dp |" in md and "## Summary" in md
+    png = tmp_path / "pareto_mlp_bs512.png"
+    assert png.read_bytes()[:4] == b"\x89PNG"
