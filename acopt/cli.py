@@ -286,8 +286,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_solvers)
 
     sp = sub.add_parser("compare", help="compare acopt's and PyTorch's solvers on saved profiles (docs/solvers.md)")
-    _compare_module().add_compare_arguments(sp)
-    sp.set_defaults(fn=cmd_compare)
+    try:
+        _compare_module().add_compare_arguments(sp)
+    except ImportError:  # an install without the repository's benchmarks/: the other commands still work
+        sp.add_argument("args", nargs=argparse.REMAINDER)
+        sp.set_defaults(fn=lambda a: _compare_module())  # raises the ImportError, which main() reports
+    else:
+        sp.set_defaults(fn=cmd_compare)
 
     sp = sub.add_parser("bench", add_help=False, help="benchmark harness: memory, time, numerics vs baselines (acopt bench --help)")
     sp.add_argument("args", nargs=argparse.REMAINDER)

@@ -186,7 +186,7 @@ def torch_plan(profile, budget_bytes: int, solver: str, ks: Knapsack | None = No
     ks = ks or knapsack_of(profile)
     peak = no_recompute_peak(profile)
     t0 = time.perf_counter()
-    if ks.names:
+    if ks.names and budget_bytes < peak:  # PyTorch too skips the knapsack at memory_budget == 1
         _objective, _saved, recomputed = fn(ks.fractions(), list(ks.times), ks.max_memory(peak, budget_bytes))
     else:
         recomputed = []
@@ -303,10 +303,13 @@ def markdown_table(rows: list[dict]) -> str:
         gap = r["gap"]
         gap_s = "" if gap == "" else ("inf" if gap == float("inf") else f"{100 * gap:.1f}%")
         fits = {True: "yes", False: "**no**", "": ""}[r["fits"]]
+        status = r["status"]
+        if r["solver"] in EXACT and status != "optimal" and r["bound_s"] != "":
+            status += f" (bound {_ms(r['bound_s'])} ms)"
         solve = "" if r["solve_time_s"] == "" else f"{r['solve_time_s']:.2f}"
         lines.append("| " + " | ".join(str(x) for x in (
             r["model"], r["profile"], r["budget"].replace(" floor->peak", ""), _mib(r["budget_bytes"]), r["solver"],
-            _mib(r["simulated_peak_bytes"]), fits, _ms(r["recompute_time_s"]), gap_s, solve, r["status"],
+            _mib(r["simulated_peak_bytes"]), fits, _ms(r["recompute_time_s"]), gap_s, solve, status,
         )) + " |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
@@ -371,7 +374,19 @@ def pareto_plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def write_outputs(rows: list[dict], out: Path) -> dict[str, Path]:
+def environment() -> str:
+    """One line: when, where and under what load the comparison ran."""
+    import os
+    import platform
+
+    import torch
+
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
+    return (f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.python_implementation()} "
+            f"{platform.python_version()}, torch {torch.__version__}, {os.cpu_count()} CPUs, load average {load}")  # fmt: skip
+
+
+def write_outputs(rows: list[dict], out: Path, header: str = "") -> dict[str, Path]:
     import csv
 
     out.mkdir(parents=True, exist_ok=True)
@@ -380,7 +395,7 @@ def write_outputs(rows: list[dict], out: Path) -> dict[str, Path]:
         w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")  # "plan": the set, not written
         w.writeheader()
         w.writerows(rows)
-    paths["md"].write_text("## Summary\n\n" + summary_table(rows) + "\n## All plans\n\n" + markdown_table(rows))
+    paths["md"].write_text(header + "## Summary\n\n" + summary_table(rows) + "\n## All plans\n\n" + markdown_table(rows))
     for label in dict.fromkeys(r["profile"] for r in rows):
         rs = [r for r in rows if r["profile"] == label]
         paths[f"png:{label}"] = out / f"pareto_{label}.png"
@@ -411,12 +426,18 @@ def run_compare(profiles, *, budgets=DEFAULT_BUDGETS, solvers=SOLVERS, time_limi
                   f"solve {r['solve_time_s'] if r['solve_time_s'] == '' else round(r['solve_time_s'], 2)} s {r['status']}",
                   flush=True)  # fmt: skip
 
+    started, t0 = environment(), time.perf_counter()
     rows = []
     for path in paths:
         prof = Profile.from_json(path)
         rows += compare_profile(prof, label=profile_label(path), budgets=budgets, solvers=solvers,
                                 time_limit_s=time_limit_s, threads=threads, progress=show)  # fmt: skip
-    written = write_outputs(rows, Path(out))
+    header = (
+        f"Solvers {' '.join(solvers)}; budgets {' '.join(map(str, budgets))}; exact solvers: time limit "
+        f"{time_limit_s:g} s, {threads} thread(s).\n\nStarted {started}; finished after "
+        f"{time.perf_counter() - t0:.0f} s, {environment().split(', ')[-1]}.\n\n"
+    )
+    written = write_outputs(rows, Path(out), header)
     if verbose:
         print(f"wrote {', '.join(str(p) for p in written.values())}")
     return rows

@@ -146,3 +146,17 @@ def test_cli_compare_writes_csv_markdown_and_plots(tmp_path):
     assert "| torch-dp |" in md and "## Summary" in md
     png = tmp_path / "pareto_mlp_bs512.png"
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_knapsack_is_optimistic_about_both_peak_and_time(chain_rows):
+    """Recomputing a set R lowers the peak by at most its bytes, and chains only add
+    time: so the simulated peak is never below the knapsack's linear estimate, the
+    simulated recompute time never below the knapsack's sum, and the knapsack
+    optimum (torch-ilp's objective) is a lower bound on the true optimum."""
+    _, rows = chain_rows
+    for r in rows:
+        if r["solver"] in compare.TORCH_SOLVERS:
+            assert r["simulated_peak_bytes"] >= r["knapsack_peak_bytes"]
+            assert r["recompute_time_s"] >= r["knapsack_recompute_s"] * (1 - 1e-9)
+        if r["solver"] == "torch-ilp":
+            assert r["knapsack_recompute_s"] <= r["optimum_s"] * (1 + 1e-9)
