@@ -158,5 +158,5 @@ def test_knapsack_is_optimistic_about_both_peak_and_time(chain_rows):
         if r["solver"] in compare.TORCH_SOLVERS:
             assert r["simulated_peak_bytes"] >= r["knapsack_peak_bytes"]
             assert r["recompute_time_s"] >= r["knapsack_recompute_s"] * (1 - 1e-9)
-        if r["solver"] == "torch-ilp":
-            assert r["knapsack_recompute_s"] <= r["optimum_s"] * (1 + 1e-9)
+        if r["solver"] == "torch-ilp":  # its claim: the plan it returns may differ (x == 1 on floats)
+            assert r["knapsack_claim_s"] <= r["optimum_s"] * (1 + 1e-9)
