@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from acopt.planning import Plan, PlanStatus, SolverStats, assemble_plan
 from acopt.records import Profile
 from acopt.schedule import InvalidPlan
-from acopt.simulator import simulate
+from acopt.simulator import peak_bytes, simulate
 from solvers.model import Formulation, ModelSize
 
 OPTIMAL = "optimal"
@@ -84,6 +84,7 @@ def solve(
     incumbent: frozenset[str] | None = None,
     chain_depth: int | None = 1,
     log: Callable[[str], None] | None = None,
+    growth: str = "step",
 ) -> Outcome:
     """Minimise recompute time under ``budget``, or (``budget=None``) the peak.
 
@@ -91,9 +92,14 @@ def solve(
     the answer at the time limit, and the cost bound of model.py Note 6.
     ``chain_depth``: start with chains through at most this many other
     candidates and add members as plans need them (model.py Note 10); None
-    builds every chain member up front. ``log``: called with one line per
-    build and per solve (model size, solver status, time, what the loop did).
+    builds every chain member up front. ``growth``: what a rebuild adds
+    besides the members the plan needs: ``"step"`` also raises the depth by
+    one for every block, ``"missing"`` adds nothing more, ``"full"`` builds
+    every member (model.py Note 10). ``log``: called with one line per build
+    and per solve (model size, solver status, time, what the loop did).
     """
+    if growth not in ("step", "missing", "full"):
+        raise ValueError(f"growth must be 'step', 'missing' or 'full', not {growth!r}")
     t0 = time.perf_counter()
     deadline = t0 + time_limit_s
     peak_mode = budget is None
@@ -138,7 +144,8 @@ def solve(
         f = base.fresh()
         f.build(budget=budget, allowed=allowed)
         for k, w in sorted(kept_rows):
-            f.activate_block_row(k, w)
+            if w in f._member_sets[k]:  # else pruned since (Note 6)
+                f.activate_block_row(k, w)
         for plan, peak in cuts:
             f.add_no_good(plan) if peak is None else f.add_peak_cut(plan, peak)
         backend = make_backend(f)
@@ -184,10 +191,26 @@ def solve(
                 for k, nodes in missing.items():
                     allowed[k] |= nodes
                     columns += len(nodes)
+                if growth == "step":
+                    chain_depth += 1
+                    for k, a in enumerate(base.initial_allowed(chain_depth)):
+                        allowed[k] |= a
+                elif growth == "full":
+                    allowed = None
                 kept_rows |= {key for key, at in f._block_rows.items() if at is not None}
                 rebuilds += 1
                 if log is not None:
                     log(f"  plan replays {sum(map(len, missing.values()))} chain member(s) left out: rebuild")
+                # The relaxed model's plan is still a plan: the simulator says
+                # whether it fits, and if it beats the incumbent it becomes the
+                # warm start and its cost prunes chains harder (Note 6).
+                if not peak_mode and _improves(profile, f, plan, budget, best_value):
+                    peak, val = value(plan)  # the full simulator has the last word
+                    if peak <= budget and val < best_value:
+                        best, best_value = plan, val
+                        base = base.with_incumbent(best_value)
+                        if log is not None:
+                            log(f"  that plan fits: new incumbent {best_value:.6g} s, {base.pruned_count} pruned")
                 rebuild = True
                 break
             limit = res.x[f.peak_var] if peak_mode else budget
@@ -256,6 +279,22 @@ def solve(
         recompute=best, status=status, objective=val, bound=bound_out, gap=gap, peak_bytes=peak,
         model_peak_bytes=f.predicted_peak(best) if represented else None, notes=tuple(notes), **common,
     )  # fmt: skip
+
+
+def _improves(profile: Profile, f: Formulation, plan: frozenset[str], budget: int, best_value: float) -> bool:
+    """Whether ``plan`` is valid, fits ``budget`` and costs less than ``best_value``
+    (its real blocks, the fast-path simulator; the caller simulates it in full)."""
+    mm = f.mm
+    try:
+        blocks = [mm.block(a, plan) for a in plan]
+    except InvalidPlan:
+        return False
+    if sum(b.time_s for b in blocks) >= best_value:
+        return False
+    idx = profile.node_index
+    if not all(f.replayable(idx[v]) for b in blocks for v in b.nodes):
+        return False
+    return peak_bytes(profile, plan, blocks=blocks) <= budget
 
 
 def run(

@@ -414,14 +414,11 @@ class Formulation:
         self.at_position: dict[int, list[int]] = {}
         for k in self.by_order:
             self.at_position.setdefault(cands[k].position, []).append(k)
-        self._prune_extra()
-        # Note 11: extra members a block may never replay.
-        replayable = self.mm.replayable
-        self.unreplayable: list[frozenset[int]] = [
-            frozenset(v for v in c.extra if not replayable(nodes[v].name)) for c in self.candidates
-        ]
+        self._all_candidates = self.candidates  # before Note 6's pruning
         self._creators = {c.created for c in self.candidates}
-        self.extra_depth = [self._chain_depths(k, c) for k, c in enumerate(self.candidates)]
+        self._replay_memo: dict[int, bool] = {}
+        self._prune_extra()
+        self._chains()
         # Note 3 (a) and Note 7: what each decision changes at original nodes, as
         # (key, ((node, bytes from there on), ...)); key ("r", k) or ("us", s).
         self.event_lists: list[tuple[tuple, tuple[tuple[int, int], ...]]] = [
@@ -432,6 +429,31 @@ class Formulation:
             if lo < hi and b:
                 ev = ((lo, -b),) + (((hi, b),) if hi < n else ())
                 self.event_lists.append((("us", s), ev))
+
+    def replayable(self, v: int) -> bool:
+        """Whether a block may replay node v (``MemoryModel.replayable``, memoised)."""
+        got = self._replay_memo.get(v)
+        if got is None:
+            got = self._replay_memo[v] = self.mm.replayable(self.profile.nodes[v].name)
+        return got
+
+    def _chains(self) -> None:
+        """What depends on the extra members that Note 6 kept: the members no
+        block may replay (Note 11) and each member's chain depth (Note 10)."""
+        self.unreplayable: list[frozenset[int]] = [
+            frozenset(v for v in c.extra if not self.replayable(v)) for c in self.candidates
+        ]
+        self.extra_depth = [self._chain_depths(k, c) for k, c in enumerate(self.candidates)]
+
+    def with_incumbent(self, cost: float) -> Formulation:
+        """A fresh copy (:meth:`fresh`) whose Note 6 pruning uses a better
+        incumbent's cost: fewer chain members survive."""
+        new = self.fresh()
+        new.incumbent_cost = cost
+        new.candidates = self._all_candidates
+        new._prune_extra()
+        new._chains()
+        return new
 
     def _possible_members(self, outputs: Iterable[int]) -> set[int]:
         members: set[int] = set()
@@ -453,7 +475,7 @@ class Formulation:
         if self.incumbent_cost is None or not math.isfinite(self.incumbent_cost):
             return
         limit = self.incumbent_cost * (1 + 1e-9) + 1e-12
-        cands = self.candidates
+        cands = self.candidates = self._all_candidates
         in_cores = [0] * self.n
         creator_of: dict[int, int] = {}
         for c in cands:

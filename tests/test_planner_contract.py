@@ -337,6 +337,25 @@ def test_chain_depth_keeps_the_optimum(name: str, depth):
     assert result.bound == pytest.approx(3.0, rel=1e-9)
 
 
+@pytest.mark.parametrize("growth", ["step", "missing", "full"])
+def test_chain_growth_policies_keep_the_optimum(growth: str):
+    """exact.solve's rebuild policies (model.py Note 10) only change how fast
+    the chain members come in, never the proven optimum."""
+    from solvers import exact
+    from solvers.cpsat import CpsatBackend, CpsatOptions, _import_cp_model
+
+    cp_model = _import_cp_model()
+    opts = CpsatOptions(time_limit_s=20.0)
+    out = exact.solve(
+        chain(), budget=300, make_backend=lambda f: CpsatBackend(cp_model, f, opts), time_limit_s=20.0,
+        chain_depth=0, growth=growth,
+    )  # fmt: skip
+    assert out.status == exact.OPTIMAL and out.objective == pytest.approx(13.0, rel=1e-9)
+    assert out.rebuilds >= 1 and out.bound == pytest.approx(13.0, rel=1e-9)
+    with pytest.raises(ValueError, match="growth"):
+        exact.solve(chain(), budget=300, make_backend=None, time_limit_s=1.0, growth="sideways")
+
+
 @pytest.mark.parametrize("name", EXACT)
 def test_time_limit_returns_a_fitting_plan(name: str):
     profile = chain_profile(12)
@@ -405,3 +424,24 @@ def test_exact_planners_agree_and_beat_greedy(profile: Profile, data):
                 if before is not None:
                     assert v is not None and v <= before * (1 + 1e-6) + 1e-12, (name, before, v)
             previous[name] = v
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(profile=profiles(max_forward=12, max_backward=8), data=st.data())
+def test_chain_members_on_demand_reach_the_full_models_optimum(profile: Profile, data):
+    """solvers/model.py Note 10: starting with no chain member (depth 0, the
+    most rebuilds) and growing on demand, or with every member up front, the
+    exact planners prove the same optimum (or the same infeasibility)."""
+    if not memory_model(profile).candidates:
+        return
+    budget = _budgets(profile, data)[-1 if data.draw(st.booleans(), label="high") else 0]
+    for name in EXACT:
+        got = {}
+        for depth in (0, None):
+            result = _direct(name, profile, budget, chain_depth=depth)
+            assert result.status in (PlanStatus.OPTIMAL, PlanStatus.INFEASIBLE), (result.status, result.stats)
+            got[depth] = None if result.status == PlanStatus.INFEASIBLE else result.recompute_time_s
+        assert (got[0] is None) == (got[None] is None), got
+        if got[0] is not None:
+            assert math.isclose(got[0], got[None], rel_tol=1e-6, abs_tol=1e-12), (name, got)
+
