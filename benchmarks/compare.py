@@ -218,7 +218,7 @@ def resolve_budgets(profile, budgets) -> list[tuple[str, int]]:
             frac = float(spec)
         except (TypeError, ValueError):
             frac = None
-        if frac is not None and 0.0 <= frac <= 1.0 and not (isinstance(spec, int) and spec == 1):
+        if frac is not None and 0.0 <= frac <= 1.0:
             out.append((f"{100 * frac:g}% floor->peak", int(lo + frac * (hi - lo))))
         else:
             b = resolve_budget(profile, spec if isinstance(spec, (int, float)) else str(spec))
@@ -283,9 +283,9 @@ def compare_profile(profile, *, label: str = "", budgets=DEFAULT_BUDGETS, solver
             opt = min(proven)
             for r in group:
                 r["optimum_s"] = opt
-                if r["fits"] is True:
+                if r["fits"] is True:  # unclamped: a plan that beats a proven optimum would show up negative
                     rt = r["recompute_time_s"]
-                    r["gap"] = 0.0 if rt <= opt or opt <= 0 and rt <= 0 else (rt - opt) / opt if opt > 0 else float("inf")
+                    r["gap"] = (rt - opt) / opt if opt > 0 else (0.0 if rt <= 0 else float("inf"))
         rows.extend(group)
     return rows
 
@@ -299,13 +299,19 @@ def _ms(s) -> str:
     return "" if s == "" else f"{s * 1e3:,.2f}"
 
 
+def _pct(g: float) -> str:
+    if g == float("inf"):
+        return "inf"
+    return f"{100 * (0.0 if abs(g) < 5e-7 else g):.1f}%"  # float noise is not a negative gap
+
+
 def markdown_table(rows: list[dict]) -> str:
     head = ("model", "profile", "budget", "budget MiB", "solver", "sim. peak MiB", "fits",
             "recompute ms", "gap to optimum", "solve s", "status")  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if i < 2 or i == 4 or i == 10 else "---:" for i in range(len(head))) + "|"]
     for r in rows:
         gap = r["gap"]
-        gap_s = "" if gap == "" else ("inf" if gap == float("inf") else f"{100 * gap:.1f}%")
+        gap_s = "" if gap == "" else _pct(gap)
         fits = {True: "yes", False: "**no**", "": ""}[r["fits"]]
         status = r["status"]
         if r["solver"] in EXACT and status != "optimal" and r["bound_s"] != "":
@@ -333,7 +339,7 @@ def summary_table(rows: list[dict]) -> str:
         gaps = [r["gap"] for r in rs if r["gap"] != ""]
         over = [(r["simulated_peak_bytes"] - r["budget_bytes"]) / r["budget_bytes"] for r in rs if r["fits"] is False]
         proven = sum(r["status"] == "optimal" for r in rs) if solver in EXACT else ""
-        fmt = lambda g: "" if g is None else ("inf" if g == float("inf") else f"{100 * g:.1f}%")  # noqa: E731
+        fmt = lambda g: "" if g is None else _pct(g)  # noqa: E731
         lines.append(
             f"| {solver} | {len(rs)} | {fits} | {proven} | {fmt(statistics.median(gaps) if gaps else None)} | "
             f"{fmt(max(gaps) if gaps else None)} | {fmt(statistics.median(over) if over else None)} | "
