@@ -428,6 +428,9 @@ def run_compare(profiles, *, budgets=DEFAULT_BUDGETS, solvers=SOLVERS, time_limi
     paths = [Path(p) for p in profiles] or corpus_files()
     if not paths:
         raise ValueError(f"no profiles given and none in {PROFILES_DIR}")
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise ValueError(f"no such profile file: {', '.join(missing)}")
 
     def show(r):
         if verbose:

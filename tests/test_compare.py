@@ -160,3 +160,11 @@ def test_knapsack_is_optimistic_about_both_peak_and_time(chain_rows):
             assert r["recompute_time_s"] >= r["knapsack_recompute_s"] * (1 - 1e-9)
         if r["solver"] == "torch-ilp":  # its claim: the plan it returns may differ (x == 1 on floats)
             assert r["knapsack_claim_s"] <= r["optimum_s"] * (1 + 1e-9)
+
+
+def test_cli_compare_reports_a_missing_profile(tmp_path, capsys):
+    from acopt.cli import main
+
+    assert main(["compare", str(tmp_path / "nope.profile.json"), "--out", str(tmp_path)]) == 2
+    assert "no such profile file" in capsys.readouterr().out
+    assert not (tmp_path / "compare.csv").exists()
