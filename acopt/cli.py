@@ -2,8 +2,8 @@
 
     acopt run mlp --budget 70%                 # the main job, about a minute on CPU
     acopt profile resnet152 --batch-size 8 --fake --out out/
-    acopt plan out/resnet152_bs8.profile.json --budget 6GiB --solver greedy --out out/
-    acopt sweep out/resnet152_bs8.profile.json --solver greedy --out out/
+    acopt plan out/resnet152_bs8_fake.profile.json --budget 6GiB --solver greedy --out out/
+    acopt sweep out/resnet152_bs8_fake.profile.json --solver greedy --out out/
 """
 
 from __future__ import annotations
@@ -46,6 +46,12 @@ def _build(args, *, device: str | None = None):
     return models.build(args.model, batch_size=args.batch_size, device=device or args.device, seed=args.seed, **kw)
 
 
+def _prefix(args) -> str:
+    """Output file stem: model, batch size and any --model-arg (seq_len=128 -> _seq_len128)."""
+    extra = "".join(f"_{k}{_model_label(str(v))}" for k, v in sorted(_options(args.model_arg).items()))
+    return f"{_model_label(args.model)}_bs{args.batch_size}{extra}"
+
+
 def _model_label(name: str) -> str:
     return name.replace(":", "_").replace(".", "_").replace("/", "_")
 
@@ -74,7 +80,7 @@ def cmd_profile(args) -> int:
         traced, *w.batch, warmup=args.warmup, iterations=args.iterations, fake=args.fake,
         model_name=args.model, progress=True,
     )  # fmt: skip
-    prefix = f"{_model_label(args.model)}_bs{args.batch_size}"
+    prefix = _prefix(args) + ("_fake" if args.fake else "")
     prof.to_json(out / f"{prefix}.profile.json")
     write_profile_csvs(prof, out, prefix)
     plot_timelines(prof, {}, out / f"{prefix}_timeline.png")
@@ -166,7 +172,7 @@ def cmd_run(args) -> int:
         plan = acopt.plan(prof, budget=args.budget, solver=args.solver, **_options(args.option))
     sim = acopt.simulate(prof, plan)
     rewritten = acopt.rewrite(traced, plan, profile=prof)
-    prefix = f"{_model_label(args.model)}_bs{args.batch_size}"
+    prefix = _prefix(args)
     prof.to_json(out / f"{prefix}.profile.json")
     plan.to_json(out / f"{prefix}.{args.solver}.plan.json")
     write_profile_csvs(prof, out, prefix)

@@ -65,28 +65,28 @@ def test_budget_below_floor_is_an_error():
 def test_cli_profile_plan_sweep(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["profile", "mlp", "--batch-size", "512", "--fake", "--out", str(out)]) == 0
-    profile_json = out / "mlp_bs512.profile.json"
+    profile_json = out / "mlp_bs512_fake.profile.json"
     prof = acopt.Profile.from_json(profile_json)
     assert prof.meta.estimated_times and prof.meta.batch_size == 512
     for suffix in ("_node_stats.csv", "_activation_stats.csv", "_timeline.png"):
-        assert (out / f"mlp_bs512{suffix}").stat().st_size > 0
+        assert (out / f"mlp_bs512_fake{suffix}").stat().st_size > 0
 
     assert main(["plan", str(profile_json), "--budget", "90%", "--out", str(out)]) == 0
     decisions = pd.read_csv(out / "ac_decisions_bs512.csv")
     assert set(decisions.decision) == {"CHECKPOINT", "RECOMPUTE"}
-    plan = acopt.Plan.from_json(out / "mlp_bs512.greedy.plan.json")
+    plan = acopt.Plan.from_json(out / "mlp_bs512_fake.greedy.plan.json")
     assert set(decisions[decisions.decision == "RECOMPUTE"].activation_name) == set(plan.recompute)
     assert acopt.simulate(prof, plan).peak_bytes <= plan.budget_bytes
 
     assert main(["sweep", str(profile_json), "--points", "4", "--out", str(out)]) == 0
-    sweep = pd.read_csv(out / "mlp_bs512.greedy_sweep.csv")
+    sweep = pd.read_csv(out / "mlp_bs512_fake.greedy_sweep.csv")
     assert len(sweep) == 4
 
 
 def test_cli_plan_below_floor_says_so(tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["profile", "mlp", "--batch-size", "4", "--fake", "--out", str(out)]) == 0
-    code = main(["plan", str(out / "mlp_bs4.profile.json"), "--budget", "1KiB", "--out", str(out)])
+    assert main(["profile", "mlp", "--batch-size", "4", "--fake", "--model-arg", "width=16", "--out", str(out)]) == 0
+    code = main(["plan", str(out / "mlp_bs4_width16_fake.profile.json"), "--budget", "1KiB", "--out", str(out)])
     assert code == 2
     assert "floor" in capsys.readouterr().out
 
