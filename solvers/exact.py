@@ -208,7 +208,8 @@ def solve(
                     peak, val = value(plan)  # the full simulator has the last word
                     if peak <= budget and val < best_value:
                         best, best_value = plan, val
-                        base = base.with_incumbent(best_value)
+                        if time.perf_counter() < deadline:  # else no rebuild follows
+                            base = base.with_incumbent(best_value)
                         if log is not None:
                             log(f"  that plan fits: new incumbent {best_value:.6g} s, {base.pruned_count} pruned")
                 rebuild = True

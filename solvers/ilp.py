@@ -24,6 +24,7 @@ import math
 import os
 import re
 import tempfile
+import time
 import warnings
 from collections.abc import Sequence
 
@@ -97,6 +98,7 @@ class PulpBackend:
         self.prob = pulp.LpProblem("acopt", pulp.LpMinimize)
         self.v: dict = {}
         self.rows_done = 0
+        self.io_s_per_nonzero = 2e-5  # PuLP's file I/O per nonzero, measured after each solve
         # Bytes go to CBC in units of 2**k bytes, so that the budget is about 1e4
         # units: with raw bytes (1e9 and more) CBC's tolerances make it fix
         # variables on reduced cost wrongly and claim optima that are not (seen
@@ -163,14 +165,19 @@ class PulpBackend:
                 kind = self.f.vars[v].kind
                 val = round(val) if kind == BINARY else val / self.mscale if kind == FREE else val
                 var.setInitialValue(val, check=False)
+        # CBC's -sec counts CBC's own time only; PuLP's writing the MPS file and
+        # reading the solution come on top (tens of seconds for 10**6 nonzeros).
+        nonzeros = sum(len(c) for c in self.prob.constraints.values())
+        limit = max(1, math.floor(time_limit_s - self.io_s_per_nonzero * nonzeros))
         fd, log = tempfile.mkstemp(suffix=".log", prefix="acopt_cbc_")
         os.close(fd)
+        started = time.perf_counter()
         try:
             with warnings.catch_warnings():
                 # PuLP 3.3 deprecates the bundled CBC for 4.0; it is the one we want
                 warnings.simplefilter("ignore", DeprecationWarning)
                 solver = pulp.PULP_CBC_CMD(
-                    msg=self.options.msg, timeLimit=max(1, math.ceil(time_limit_s)), threads=self.options.threads,
+                    msg=self.options.msg, timeLimit=limit, threads=self.options.threads,
                     gapRel=self.options.rel_gap, warmStart=warm, logPath=log,
                 )  # fmt: skip
                 self.prob.solve(solver)
@@ -180,6 +187,10 @@ class PulpBackend:
                 print(text)  # CBC writes its log to logPath only
         finally:
             os.unlink(log)
+        cbc_s = _parse(text, "(Wallclock seconds):")
+        if cbc_s is not None and nonzeros:
+            overhead = max(0.0, time.perf_counter() - started - cbc_s)
+            self.io_s_per_nonzero = max(self.io_s_per_nonzero, overhead / nonzeros)
         sol = self.prob.sol_status
         if self.prob.status == pulp.LpStatusInfeasible or sol == pulp.LpSolutionInfeasible:
             return Solved(status=INFEASIBLE, x=None, objective=None, bound=None)
