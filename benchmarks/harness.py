@@ -1,7 +1,9 @@
 """The benchmark harness: peak memory, step time and numerics of one training step
 under acopt and under the baselines, per model, batch size, method and budget.
 
-    python -m benchmarks.harness --suite cpu                    # docs/results.md's CPU numbers
+    python -m benchmarks.harness --suite cpu-small --threads 1  # docs/results.md's CPU numbers
+    python -m benchmarks.harness --suite cpu-large --threads 1  # (resnet152, bert-base, gpt2)
+    python -m benchmarks.harness --suite cuda --device cuda     # the GPU sizes
     python -m benchmarks.harness mlp --batch-sizes 256 1024 --cap 8MiB
     acopt bench mlp --batch-sizes 256 1024 --fast               # the same, through the CLI
 
@@ -32,10 +34,15 @@ clip((B - F) / (P - F), 0, 1): 0.5 for "act50%". Its own meaning of the
 fraction is "of the activation memory its default partitioner saves".
 
 Per row: peak memory of the whole step (benchmarks/memory.py), median step
-time, and numerics: K steps from one initial state with the same batches and
+time, the thread count and 1-minute load average, and numerics: K steps from one initial state with the same batches and
 RNG seeds as ``none``; loss and parameter max abs differences from ``none``,
 and bitwise equality with the reference (``traced`` for acopt rows, ``none``
 for the others).
+
+acopt rows also report ``rng_states``: generator states the rewritten step keeps
+for replayed random ops (acopt.rng), on CPU 5056 B each and outside acopt's
+simulator, the only difference between measured and simulated peak
+(``measured_minus_sim_bytes``); see :func:`acopt_step` for ``reserve_rng``.
 
 Outputs under ``--out`` (default benchmarks/results/): ``{tag}.csv`` (rows
 above), ``{tag}_maxbatch.csv`` (largest batch under ``--cap`` per method),
