@@ -85,6 +85,7 @@ def solve(
     chain_depth: int | None = 1,
     log: Callable[[str], None] | None = None,
     growth: str = "step",
+    frontier: bool = True,
 ) -> Outcome:
     """Minimise recompute time under ``budget``, or (``budget=None``) the peak.
 
@@ -142,7 +143,7 @@ def solve(
         rebuild = False
         b0 = time.perf_counter()
         f = base.fresh()
-        f.build(budget=budget, allowed=allowed)
+        f.build(budget=budget, allowed=allowed, frontier=frontier)
         for k, w in sorted(kept_rows):
             if w in f._member_sets[k]:  # else pruned since (Note 6)
                 f.activate_block_row(k, w)
@@ -154,7 +155,7 @@ def solve(
             sz = f.size()
             log(
                 f"build {rebuilds}: {sz.variables} vars ({sz.binaries} binary), {sz.rows} rows, "
-                f"{sz.nonzeros} nonzeros, {f.omitted} chain member(s) left out (Note 10), "
+                f"{sz.nonzeros} nonzeros, {f.omitted} chain member(s) left out (Note 10, {f.frontier} frontier), "
                 f"{time.perf_counter() - b0:.2f} s"
             )
         while True:
@@ -198,9 +199,8 @@ def solve(
                 elif growth == "full":
                     allowed = None
                 kept_rows |= {key for key, at in f._block_rows.items() if at is not None}
-                rebuilds += 1
                 if log is not None:
-                    log(f"  plan replays {sum(map(len, missing.values()))} chain member(s) left out: rebuild")
+                    log(f"  plan replays {sum(map(len, missing.values()))} chain member(s) left out")
                 # The relaxed model's plan is still a plan: the simulator says
                 # whether it fits, and if it beats the incumbent it becomes the
                 # warm start and its cost prunes chains harder (Note 6).
@@ -212,6 +212,12 @@ def solve(
                             base = base.with_incumbent(best_value)
                         if log is not None:
                             log(f"  that plan fits: new incumbent {best_value:.6g} s, {base.pruned_count} pruned")
+                if best is not None and bound >= best_value - 1e-9 * max(1.0, abs(best_value)):
+                    status = OPTIMAL  # a relaxation's bound meets a plan the simulator accepts: no rebuild needed
+                    if log is not None:
+                        log("  the relaxed model's bound meets the incumbent: optimal")
+                    break
+                rebuilds += 1
                 rebuild = True
                 break
             limit = res.x[f.peak_var] if peak_mode else budget

@@ -116,7 +116,16 @@ solve returns a plan whose real blocks (``MemoryModel.block``) replay a
 member the model left out, exact.py adds those members, rebuilds, keeps the
 lazy rows and cuts found so far, and solves again. A plan is only accepted
 once the model represents every node its blocks replay, so the optimum is
-the optimum of the full model.
+the optimum of the full model. Three things keep the rebuilds few (exact.py):
+the node where a block stops is its *frontier*, and the block pays for it
+(``y`` of the frontier node, with only the implication that puts it there
+and its time in the objective: still a relaxation, since the real block
+replays it too, and much tighter on long chains); a rebuild adds the
+members the plan needs and raises the depth by one for every block
+(``growth="step"``: look-alike layers come in together); and the relaxed
+plan, which is still a plan, is simulated: if it fits and beats the
+incumbent it becomes the incumbent (and Note 6 prunes with its cost), and
+if its cost meets the relaxed model's bound it is optimal, with no rebuild.
 
 Note 11 (members that cannot be replayed, exact). Every node of a
 candidate's own block is replayable (that makes it a candidate), but a chain
@@ -654,7 +663,12 @@ class Formulation:
 
     # ---- building ------------------------------------------------------------
     def build(
-        self, *, budget: int | None, dense_rows: int = 10, allowed: Sequence[frozenset[int]] | None = None
+        self,
+        *,
+        budget: int | None,
+        dense_rows: int = 10,
+        allowed: Sequence[frozenset[int]] | None = None,
+        frontier: bool = True,
     ) -> None:
         """Rows of Notes 1-3 and the core block rows (Note 4).
 
@@ -670,6 +684,7 @@ class Formulation:
         ]
         self._member_sets = [frozenset(c.core) | frozenset(e) for c, e in zip(self.candidates, self.extra_of)]
         self.omitted = sum(len(c.extra) - len(e) for c, e in zip(self.candidates, self.extra_of))
+        self.frontier = 0
         self.budget = None if budget is None else int(budget)
         self.threshold = self.peak_lower_bound() if budget is None else int(budget)
         cands = self.candidates
@@ -699,7 +714,20 @@ class Formulation:
                         continue
                     if i not in members:
                         if i not in pruned:
-                            continue  # left out for now (Note 10): the block may stop here
+                            # left out for now (Note 10): the block may stop here,
+                            # but it pays for the node it stops at (the frontier)
+                            if frontier and self._time[i]:
+                                fi = self.y(k, i)
+                                if fi not in self.objective:
+                                    self.objective[fi] = self._time[i]
+                                    self.frontier += 1
+                                if ui == ONE:
+                                    self._add_row(Row(name=f"front_{k}_{v}_{i}", terms=((fi, 1), (yv, -1)), lo=0))
+                                else:
+                                    self._add_row(
+                                        Row(name=f"front_{k}_{v}_{i}", terms=((fi, 1), (yv, -1), (ui, -1)), lo=-1)
+                                    )
+                            continue
                         # pruned (Note 6): v and u[i] cannot both hold in block k
                         if ui == ONE:
                             self._add_row(Row(name=f"prune_{k}_{v}_{i}", terms=((yv, 1),), hi=0))
