@@ -226,7 +226,8 @@ def profile_fingerprint(profile: Profile) -> str:
     can be checked against the graph it is applied to; another graph, batch
     size or dtype gives another fingerprint. Hashed: every node's name, op,
     region, inputs, storages, allocations, mutations, replay flags and
-    workspace bytes, and every storage's name, bytes and creator.
+    workspace bytes, every storage's name, bytes and creator, and the size of
+    a saved generator state.
     """
     facts = _profile_facts(profile)
     if facts.fingerprint is None:
@@ -236,6 +237,7 @@ def profile_fingerprint(profile: Profile) -> str:
                 [(n.name, n.op, n.region.value, n.inputs, n.storages, n.allocates, n.mutates,
                   n.recomputable, n.replay, n.random, n.temp_bytes) for n in profile.nodes],
                 [(s.name, s.bytes, s.node) for s in profile.storages],
+                profile.rng_state_bytes,
             )
         )  # fmt: skip
         facts.fingerprint = hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -528,7 +528,12 @@ def _build_profile(traced, interp, runs, temps, *, fake, device, model_name, ite
         iterations=0 if fake else iterations,
     )
     timeline = tuple(b + t for b, t in zip(last.timeline, temps))
-    bare = Profile(nodes=tuple(records), storages=storages, timeline=timeline, peak_bytes=max(timeline), meta=meta)
+    from acopt.rng import state_bytes
+
+    bare = Profile(
+        nodes=tuple(records), storages=storages, timeline=timeline, peak_bytes=max(timeline),
+        rng_state_bytes=state_bytes(device), meta=meta,
+    )  # fmt: skip
     return _with_activations(bare)
 
 

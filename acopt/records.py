@@ -138,6 +138,8 @@ class Profile:
     the frees that follow it), as measured; ``peak_bytes`` is its maximum.
     For a hand-built profile both may be left at their defaults and are then
     computed from the memory model (:func:`acopt.simulate` of the empty plan).
+    ``rng_state_bytes`` is the size of one saved generator state, which a plan
+    that replays a random node keeps (docs/memory-model.md, rule 7).
     """
 
     nodes: tuple[NodeRecord, ...]
@@ -145,6 +147,7 @@ class Profile:
     activations: tuple[ActivationRecord, ...] = ()
     timeline: tuple[int, ...] = ()
     peak_bytes: int = 0
+    rng_state_bytes: int = 0
     meta: ProfileMeta = ProfileMeta()
 
     # ---- derived views -------------------------------------------------
@@ -199,6 +202,7 @@ class Profile:
                 ),
                 timeline=tuple(data["timeline"]),
                 peak_bytes=data["peak_bytes"],
+                rng_state_bytes=data.get("rng_state_bytes", 0),
                 meta=ProfileMeta(**data["meta"]),
             )
         except (KeyError, TypeError, ValueError) as e:

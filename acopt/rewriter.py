@@ -13,14 +13,15 @@ Rules the pass keeps (checked after it runs):
    statistics (a training-mode batch norm does not read them); any other
    op that writes in place is never replayed (the memory model refuses it).
 2. Random ops draw the same numbers: the generator state is saved just before
-   the forward run and restored around the replay (:mod:`acopt.rng`).
+   the forward run (a graph value, alive until the last replay reads it) and
+   the replay draws from it, leaving the generator where it was
+   (:mod:`acopt.rng`).
 3. No node outside the forward region reads a forward value of a recomputed
    activation.
 """
 
 from __future__ import annotations
 
-import itertools
 import time
 
 import torch
@@ -32,7 +33,6 @@ from acopt.schedule import InvalidPlan, MemoryModel, Schedule
 from acopt.tracer import REGION_KEY, TracedStep
 
 BLOCK_KEY = "acopt_block"
-_graph_ids = itertools.count(1)
 
 
 class RewriteError(RuntimeError):
@@ -91,14 +91,10 @@ def _emit(src: fx.GraphModule, profile: Profile, schedule: Schedule) -> fx.Graph
     nodes = {n.name: n for n in src.graph.nodes}
     graph = fx.Graph()
     env: dict[tuple[str, str | None], fx.Node] = {}
-    gid = next(_graph_ids)
     replayed_random = {v for b in schedule.blocks for v in b.nodes if profile.node_by_name[v].random}
+    saved: dict[str, fx.Node] = {}  # random node -> its saved generator state (a graph value)
     records = profile.node_by_name
     output = None
-
-    def helper(fn, name: str, region: Region, *args) -> None:
-        n = graph.create_node("call_function", fn, (gid, name, *args), name=f"rng_{fn.__name__}__{name}")
-        n.meta[REGION_KEY] = region
 
     for step in schedule.steps:
         old = nodes[step.node]
@@ -113,36 +109,34 @@ def _emit(src: fx.GraphModule, profile: Profile, schedule: Schedule) -> fx.Graph
 
         if step.block is None:
             if step.node in replayed_random:
-                helper(rng.save, step.node, old.meta[REGION_KEY], _device_of(old))
+                state = graph.create_node("call_function", rng.save, (_device_of(old),), name=f"rng_state__{step.node}")
+                state.meta[REGION_KEY] = old.meta[REGION_KEY]
+                saved[step.node] = state
             new = graph.node_copy(old, arg)
             if new.name != old.name:  # pragma: no cover - names are reserved by order
                 raise RewriteError(f"node {old.name!r} was renamed {new.name!r}")
             if old.op == "output":
                 output = new
         else:
-            if record.random:
-                helper(rng.replay_begin, step.node, Region.BACKWARD, _device_of(old))
             args = fx.node.map_arg(old.args, arg)
             if record.replay == "drop_running_stats":
                 args = (*args[:3], None, None, *args[5:])
+            target = old.target
+            if record.random:  # rng.replay(state, device, op, *args): the forward's draws
+                args = (saved[step.node], _device_of(old), target, *args)
+                target = rng.replay
             new = graph.create_node(
                 old.op,
-                old.target,
+                target,
                 args,
                 fx.node.map_arg(old.kwargs, arg),
                 name=f"rc_{step.node}__for__{step.block}",
                 type_expr=old.type,
             )
             new.meta = {**old.meta, REGION_KEY: Region.BACKWARD, BLOCK_KEY: step.block}
-            if record.random:
-                helper(rng.replay_end, step.node, Region.BACKWARD, _device_of(old))
         env[step.value] = new
     if output is None:  # pragma: no cover - every traced graph has an output
         raise RewriteError("the traced graph has no output node")
-    if replayed_random:
-        with graph.inserting_before(output):
-            n = graph.create_node("call_function", rng.forget, (gid,), name="rng_forget")
-            n.meta[REGION_KEY] = Region.OPTIMIZER
     graph.lint()
     return fx.GraphModule(src, graph)
 

@@ -1,21 +1,24 @@
 """Replay random ops with the random numbers they drew in the forward pass.
 
-The rewriter puts :func:`save` just before a random node that a recompute
-block replays, and :func:`replay_begin` / :func:`replay_end` around the
-replay: the generator is set to the saved state for the replay and then put
-back where it was, so later random ops draw what they would have drawn.
+The rewriter puts :func:`save` just before the forward run of a random node
+that a recompute block replays, and replaces the replay by :func:`replay`:
+the generator is set to the saved state for the op and then put back where
+it was, so later random ops draw what they would have drawn.
 
-States live in a plain dict keyed by ``(graph id, node name)``, outside the
-graph's values, so they never count as graph memory (a CPU generator state
-is 5 KiB; a CUDA one is 16 bytes).
+The saved state is a graph value (a uint8 tensor: 5 056 bytes for the CPU
+generator, 16 for a CUDA one, which lives in host memory): it is alive from
+the forward run to the last replay that reads it, and the memory model
+counts it there (docs/memory-model.md, rule 7). :func:`replay` holds the
+generator's current state for the duration of the op: a temporary of the
+same size, counted as that step's workspace.
 """
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Callable
+from typing import Any
 
-_saved: dict[tuple[int, str], torch.Tensor] = {}
-_outer: dict[tuple[int, str], torch.Tensor] = {}
+import torch
 
 
 def _get(device: str) -> torch.Tensor:
@@ -33,24 +36,22 @@ def _set(device: str, state: torch.Tensor) -> None:
         torch.set_rng_state(state)
 
 
-def save(graph_id: int, name: str, device: str) -> None:
-    """Remember the generator state just before the forward run of ``name``."""
-    _saved[(graph_id, name)] = _get(device)
+def state_bytes(device: str | torch.device) -> int:
+    """Bytes of one saved generator state for ops on ``device`` (meta: as CPU)."""
+    dev = torch.device(device)
+    return _get("cuda" if dev.type == "cuda" else "cpu").nbytes
 
 
-def replay_begin(graph_id: int, name: str, device: str) -> None:
-    key = (graph_id, name)
-    if key not in _saved:
-        raise RuntimeError(f"no saved generator state for random node {name!r}: the forward did not run")
-    _outer[key] = _get(device)
-    _set(device, _saved[key])
+def save(device: str) -> torch.Tensor:
+    """The generator state just before the forward run of a random node."""
+    return _get(device)
 
 
-def replay_end(graph_id: int, name: str, device: str) -> None:
-    _set(device, _outer.pop((graph_id, name)))
-
-
-def forget(graph_id: int) -> None:
-    """Drop the saved states of one graph (called at the end of each step)."""
-    for key in [k for k in _saved if k[0] == graph_id]:
-        del _saved[key]
+def replay(saved: torch.Tensor, device: str, op: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+    """Run ``op`` drawing from ``saved``; the generator is left where it was."""
+    outer = _get(device)
+    _set(device, saved)
+    try:
+        return op(*args, **kwargs)
+    finally:
+        _set(device, outer)

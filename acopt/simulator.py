@@ -85,7 +85,8 @@ class Simulation:
     (whose node and block are ``step_nodes[t]``). ``peak_step`` is the first
     step where the timeline reaches ``peak_bytes``; ``peak_region`` is that
     node's region, or for a replayed node the region of the node its block
-    runs before. ``peak_live`` names the storage instances alive at the peak.
+    runs before. ``peak_live`` names the storage instances alive at the peak;
+    ``peak_rng_state_bytes`` the generator states then held (rule 7).
     """
 
     recompute: frozenset[str]
@@ -99,6 +100,7 @@ class Simulation:
     schedule: Schedule
     peak_live: tuple[StorageRef, ...]
     events: tuple[Event, ...]
+    peak_rng_state_bytes: int = 0
 
     @property
     def peak_block(self) -> str | None:
@@ -114,7 +116,8 @@ class _Facts:
     """What the simulator and planners reuse across calls for one profile."""
 
     __slots__ = (
-        "model", "sims", "pinned", "peaks", "located", "fingerprint", "node_info", "storage_bytes", "delta",
+        "model", "sims", "pinned", "peaks", "located", "fingerprint", "node_info", "storage_bytes", "random",
+        "rng_bytes", "delta",
         "__weakref__",
     )  # fmt: skip
 
@@ -135,6 +138,9 @@ class _Facts:
             for n in profile.nodes
         }  # fmt: skip
         self.storage_bytes = {s.name: s.bytes for s in profile.storages}
+        # Rule 7: random nodes, whose replays keep generator states of this size.
+        self.random = frozenset(n.name for n in profile.nodes if n.random) if profile.rng_state_bytes else frozenset()
+        self.rng_bytes = profile.rng_state_bytes
         self.delta: _Delta | None = None  # the fast path, built on first use
 
 
@@ -259,8 +265,9 @@ def _pinned(facts: _Facts, recompute: frozenset[str]) -> bool:
     return not recompute or recompute == frozenset(facts.model.candidates)
 
 
-def _measure(facts: _Facts, schedule: Schedule) -> tuple[list[int], dict[StorageRef, int], dict[StorageRef, int]]:
-    """The live-bytes timeline of ``schedule``, and each storage instance's first and last live step."""
+def _measure(facts: _Facts, schedule: Schedule) -> tuple[list[int], dict[StorageRef, int], dict[StorageRef, int], list[int]]:
+    """The live-bytes timeline of ``schedule``, each storage instance's first and
+    last live step, and the generator-state bytes per step (rule 7)."""
     steps = schedule.steps
     n_steps = len(steps)
     end_step = n_steps - 1
@@ -310,12 +317,28 @@ def _measure(facts: _Facts, schedule: Schedule) -> tuple[list[int], dict[Storage
         b = nbytes[inst[0]]
         delta[t0] += b
         delta[end[inst] + 1] -= b
+    states = [0] * n_steps  # rule 7
+    if facts.random and schedule.blocks:
+        # Rule 7: a replayed random node's generator state lives from its forward
+        # run to its last replay; each replay also holds the current state.
+        forward_step: dict[str, int] = {}
+        last_replay: dict[str, int] = {}
+        for t, step in enumerate(steps):
+            if step.node in facts.random:
+                if step.block is None:
+                    forward_step[step.node] = t
+                else:
+                    last_replay[step.node] = t
+                    states[t] += facts.rng_bytes
+        for v, t1 in last_replay.items():
+            for t in range(forward_step[v], t1 + 1):
+                states[t] += facts.rng_bytes
     timeline = []
     live = 0
     for t in range(n_steps):
         live += delta[t]
-        timeline.append(live + temp[t])
-    return timeline, start, end
+        timeline.append(live + temp[t] + states[t])
+    return timeline, start, end, states
 
 
 def _simulate(profile: Profile, facts: _Facts, recompute: frozenset[str]) -> Simulation:
@@ -324,7 +347,7 @@ def _simulate(profile: Profile, facts: _Facts, recompute: frozenset[str]) -> Sim
     n_steps = len(steps)
     nodes = profile.node_by_name
     nbytes = facts.storage_bytes
-    timeline, start, end = _measure(facts, schedule)
+    timeline, start, end, states = _measure(facts, schedule)
 
     if n_steps:
         peak = max(timeline)
@@ -358,6 +381,7 @@ def _simulate(profile: Profile, facts: _Facts, recompute: frozenset[str]) -> Sim
         schedule=schedule,
         peak_live=peak_live,
         events=events,
+        peak_rng_state_bytes=states[peak_step] if n_steps else 0,
     )
 
 
@@ -507,6 +531,7 @@ class _Delta:
             v.name: tuple(s for s in v.storages if s in activations) for v in nodes if not v.is_placeholder
         }
         self.outputs: dict[str, list[str]] = {}
+        self.random, self.rng_bytes = facts.random, facts.rng_bytes
 
     def _block(self, a: str, recompute: frozenset[str]) -> tuple[int, tuple[str, ...]]:
         """``(position, nodes)`` of ``MemoryModel.block(a, recompute)``, walked
@@ -576,7 +601,8 @@ class _Delta:
         refs: dict[tuple[str, str | None], list[tuple[str, str | None]]] = {}
         created: dict[tuple[str, str], int] = {}
         source_end: dict[str, int] = {}
-        info, later_users = self.info, self.later_users
+        last_replay: dict[str, int] = {}  # rule 7: random node -> its last replay step
+        info, later_users, random = self.info, self.later_users, self.random
         for b in blocks:
             a, position, members_seq = b.activation, b.position, b.nodes
             first = g[position] - int(inserted[position]) + pending_at.get(position, 0)
@@ -588,6 +614,9 @@ class _Delta:
                 inputs, storages, allocates, only_allocates, temp_bytes = info[v]
                 block_steps.append(t)
                 block_pos.append(position)
+                if v in random:
+                    temp_bytes += self.rng_bytes
+                    last_replay[v] = max(t, last_replay.get(v, t))
                 block_temp.append(temp_bytes)
                 for x in inputs:
                     if x in members:
@@ -682,6 +711,9 @@ class _Delta:
             b = self.bytes[inst[0]]
             delta[t0] += b
             delta[max(t0, instance_end.get(inst, t0)) + 1] -= b
+        for v, t1 in last_replay.items():
+            delta[g[index[v]]] += self.rng_bytes
+            delta[t1 + 1] -= self.rng_bytes
 
         out = np.empty(size, dtype=np.int64)
         out[g] = self.base + np.cumsum(base_fix)[:n] + self.temp

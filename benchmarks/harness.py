@@ -40,9 +40,8 @@ and bitwise equality with the reference (``traced`` for acopt rows, ``none``
 for the others).
 
 acopt rows also report ``rng_states``: generator states the rewritten step keeps
-for replayed random ops (acopt.rng), on CPU 5056 B each and outside acopt's
-simulator, the only difference between measured and simulated peak
-(``measured_minus_sim_bytes``); see :func:`acopt_step` for ``reserve_rng``.
+for replayed random ops (acopt.rng; on CPU 5056 B each, counted by the
+simulator, docs/memory-model.md rule 7), and ``measured_minus_sim_bytes``.
 
 Outputs under ``--out`` (default benchmarks/results/): ``{tag}.csv`` (rows
 above), ``{tag}_maxbatch.csv`` (largest batch under ``--cap`` per method),
@@ -344,45 +343,26 @@ def _planner_options(solver: str, config: Config) -> dict[str, Any]:
     return {"time_limit_s": config.time_limit_s} if "time_limit_s" in fields else {}
 
 
-def rng_state_bytes(device: torch.device | str) -> int:
-    """Bytes one saved generator state (acopt.rng) takes in the step's device memory: the
-    CPU generator's state tensor (5056 B); CUDA states are small CPU tensors (0 device bytes)."""
-    return torch.get_rng_state().nbytes if torch.device(device).type == "cpu" else 0
-
-
 def _rng_saves(step: Any) -> int:
     """Generator states a rewritten step keeps while it runs (one per replayed random node)."""
-    return sum(1 for n in step.graph_module.graph.nodes if n.name.startswith("rng_save"))
+    return sum(1 for n in step.graph_module.graph.nodes if n.name.startswith("rng_state__"))
 
 
-def acopt_step(ctx: Context, solver: str, budget_bytes: int, *, reserve_rng: bool = False) -> Prepared:
+def acopt_step(ctx: Context, solver: str, budget_bytes: int) -> Prepared:
     """acopt.plan + acopt.rewrite on the context's traced step (what acopt.compile does,
-    sharing one trace and one profile between budgets).
-
-    acopt keeps the generator state of every random node a block replays (acopt.rng)
-    outside the graph, so the simulator does not count it, but on CPU each is a real
-    5056-byte allocation alive from the forward to the end of the step: the measured
-    peak is the simulated one plus k states (k+1 during a replay of a random node).
-    ``reserve_rng=True`` (the max-batch search and the equal-peak rows) plans again at
-    ``budget - (k+1) * 5056`` until the plan's k no longer grows, so that the measured
-    peak stays within the budget; the sweep's plain rows plan at the budget asked."""
+    sharing one trace and one profile between budgets). ``rng_states``: the generator
+    states the rewritten step keeps for replayed random ops, which the simulator
+    counts (docs/memory-model.md, rule 7)."""
     import acopt
 
-    state = rng_state_bytes(ctx.device)
-    planned, reserved_for = budget_bytes, 0
-    for _ in range(4):
-        try:
-            plan = acopt.plan(ctx.profile, budget=planned, solver=solver, **_planner_options(solver, ctx.config))
-        except acopt.InfeasibleBudget as e:
-            raise Infeasible(str(e)) from e
-        if plan.status.value == "infeasible":
-            raise Infeasible(f"{solver} found no plan: {plan.status.value}")
-        step = acopt.rewrite(ctx.traced, plan, profile=ctx.profile)
-        k = _rng_saves(step)
-        if not reserve_rng or state == 0 or k == 0 or (k + 1) * state <= reserved_for:
-            break
-        reserved_for = (k + 1) * state
-        planned = budget_bytes - reserved_for
+    try:
+        plan = acopt.plan(ctx.profile, budget=budget_bytes, solver=solver, **_planner_options(solver, ctx.config))
+    except acopt.InfeasibleBudget as e:
+        raise Infeasible(str(e)) from e
+    if plan.status.value == "infeasible":
+        raise Infeasible(f"{solver} found no plan: {plan.status.value}")
+    step = acopt.rewrite(ctx.traced, plan, profile=ctx.profile)
+    k = _rng_saves(step)
     sim = acopt.simulate(ctx.profile, plan)
     return Prepared(
         step,
@@ -393,16 +373,16 @@ def acopt_step(ctx: Context, solver: str, budget_bytes: int, *, reserve_rng: boo
             "plan_status": plan.status.value,
             "predicted_recompute_s": sim.recompute_time_s,
             "rng_states": k,
-            "rng_state_bytes": k * state,
-            "planned_budget_bytes": planned,
+            "rng_state_bytes": k * ctx.profile.rng_state_bytes,
+            "planned_budget_bytes": budget_bytes,
         },
         reference="traced",
     )
 
 
 def _prepare_acopt(solver: str):
-    def prepare(ctx: Context, budget_bytes: int | None, *, reserve_rng: bool = False) -> Prepared:
-        return acopt_step(ctx, solver, budget_bytes, reserve_rng=reserve_rng)
+    def prepare(ctx: Context, budget_bytes: int | None) -> Prepared:
+        return acopt_step(ctx, solver, budget_bytes)
 
     prepare.__name__ = f"prepare_acopt_{solver}"
     return prepare
@@ -512,10 +492,8 @@ def run_numerics(ctx: Context, step: Callable[..., torch.Tensor]) -> tuple[list[
 
 def measure_row(
     ctx: Context, method: str, budget: str = "", budget_bytes: int | None = None, env: dict | None = None,
-    *, reserve_rng: bool = False,
 ) -> dict[str, Any]:
-    """Prepare ``method`` at ``budget``, check its numerics, time it, measure its peak.
-    ``reserve_rng``: acopt methods plan below the budget by their CPU generator states."""
+    """Prepare ``method`` at ``budget``, check its numerics, time it, measure its peak."""
     cfg, w = ctx.config, ctx.workload
     row: dict[str, Any] = dict(env or _environment(cfg))
     row.update(
@@ -539,10 +517,7 @@ def measure_row(
     prepared = None
     t = time.perf_counter()
     try:
-        if method.startswith("acopt-"):
-            prepared = METHODS[method](ctx, budget_bytes, reserve_rng=reserve_rng)
-        else:
-            prepared = METHODS[method](ctx, budget_bytes)
+        prepared = METHODS[method](ctx, budget_bytes)
         row["prepare_s"] = time.perf_counter() - t
         row.update(prepared.info)
         losses, params, row["first_step_s"] = run_numerics(ctx, prepared.step)
@@ -674,7 +649,7 @@ def sweep_model(config: Config, run: ModelRun, env: dict) -> list[dict]:
             for base in [r for r in ctx_rows if r["method"] in MATCHED and r["status"] == "ok"]:
                 label = base["method"] + (f"@{base['budget']}" if base.get("budget") else "")
                 t = time.perf_counter()
-                row = measure_row(ctx, "acopt-greedy", f"match:{label}", int(base["peak_bytes"]), env, reserve_rng=True)
+                row = measure_row(ctx, "acopt-greedy", f"match:{label}", int(base["peak_bytes"]), env)
                 ctx_rows.append(row)
                 config.log(_row_line(row, time.perf_counter() - t))
         rows += ctx_rows
@@ -766,7 +741,7 @@ def _probe(
         if method.startswith("acopt-"):
             if ctx.floor_bytes > cap:
                 return False, None, f"floor {ctx.floor_bytes} > cap"
-            prepared = acopt_step(ctx, method.removeprefix("acopt-"), cap, reserve_rng=True)
+            prepared = acopt_step(ctx, method.removeprefix("acopt-"), cap)
         elif method == "torch-budget":
             prepared = prepare_torch_budget(ctx, None, fraction=0.5 if fraction is None else fraction)
         else:
@@ -777,8 +752,7 @@ def _probe(
         detail = ""
         if "sim_peak_bytes" in prepared.info:
             i = prepared.info
-            detail = (f"simulated {i['sim_peak_bytes']}, {i.get('rng_states', 0)} rng states, "
-                      f"planned at {i.get('planned_budget_bytes', cap)}")  # fmt: skip
+            detail = f"simulated {i['sim_peak_bytes']}, {i.get('rng_states', 0)} rng states"
         fits = mem.peak_bytes <= cap
         return fits, mem.peak_bytes, detail if fits else ("measured peak > cap" + (f" ({detail})" if detail else ""))
     except (Infeasible, acopt.InfeasibleBudget) as e:

@@ -50,10 +50,11 @@ class _Builder:
         self.storages.append(StorageRecord(name=name, bytes=nbytes, node=node, role=role))
         return name
 
-    def profile(self, batch_size: int = 1, model: str = "hypothesis") -> Profile:
+    def profile(self, batch_size: int = 1, model: str = "hypothesis", rng_state_bytes: int = 0) -> Profile:
         return Profile(
-            nodes=tuple(self.nodes), storages=tuple(self.storages), meta=ProfileMeta(model=model, batch_size=batch_size)
-        )
+            nodes=tuple(self.nodes), storages=tuple(self.storages), rng_state_bytes=rng_state_bytes,
+            meta=ProfileMeta(model=model, batch_size=batch_size),
+        )  # fmt: skip
 
 
 sizes = st.one_of(st.integers(0, 64), st.integers(1, 64).map(lambda k: k * 64))
@@ -195,7 +196,7 @@ def profiles(draw, *, max_forward: int = 10, max_backward: int = 8) -> Profile:
         b.node(f"step_{p.name}", "add_", O, inputs=ins, storages=p.storages, mutates=p.storages, recomputable=False)
     outputs += [g.name for g in _pick(draw, grads, min_size=0, max_size=2)]
     b.node("output", "output", O, inputs=outputs, recomputable=False)
-    return b.profile(batch_size=draw(st.integers(1, 8)))
+    return b.profile(batch_size=draw(st.integers(1, 8)), rng_state_bytes=draw(st.sampled_from([0, 16, 100])))
 
 
 def plans(profile: Profile) -> st.SearchStrategy[frozenset[str]]:

@@ -4,6 +4,7 @@ recomputes what the plan says, and runs in the memory the simulator predicts."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 
 import pytest
@@ -79,8 +80,38 @@ def _storage_peak(prof) -> int:
 
 
 def _storage_peak_sim(prof, sim) -> int:
-    temps = prof.node_by_name
-    return max(t - temps[node].temp_bytes for t, (node, _) in zip(sim.timeline, sim.step_nodes))
+    return max(_storage_timeline_sim(prof, sim))
+
+
+def _storage_timeline_sim(prof, sim) -> list[int]:
+    """The simulated timeline without workspace: node temporaries, and the
+    generator state a random node's replay holds while it runs (rule 7)."""
+    nodes = prof.node_by_name
+    return [
+        t - nodes[node].temp_bytes - (prof.rng_state_bytes if block and nodes[node].random else 0)
+        for t, (node, block) in zip(sim.timeline, sim.step_nodes)
+    ]
+
+
+def test_generator_states_are_counted_step_by_step():
+    """Rule 7: the rewritten step keeps each replayed random node's generator
+    state from its forward run to its last replay. The measured storage
+    timeline (the saving nodes left out: each is followed by its random node)
+    equals the simulated one at every step, and the states are in it."""
+    w, traced, prof, _ = _setup("transformer")
+    assert prof.rng_state_bytes == torch.get_rng_state().nbytes
+    recompute = frozenset(MemoryModel(prof).candidates)
+    sim = acopt.simulate(prof, recompute)
+    random_replays = [n for n, b in sim.step_nodes if b and prof.node_by_name[n].random]
+    assert random_replays, "the transformer's plan should replay dropout"
+    rewritten = acopt.rewrite(traced, recompute, profile=prof)
+    measured = acopt.profile(rewritten, *w.batch, warmup=0, iterations=1)
+    kept = [(t - n.temp_bytes) for t, n in zip(measured.timeline, measured.nodes) if not n.name.startswith("rng_state__")]
+    assert kept == _storage_timeline_sim(prof, sim)
+    without = acopt.simulate(dataclasses.replace(prof, rng_state_bytes=0), recompute)
+    gap = [a - b for a, b in zip(sim.timeline, without.timeline)]
+    assert max(gap) >= prof.rng_state_bytes * 2  # a replay step: saved + current state
+    assert min(gap) == 0
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -57,11 +57,20 @@ def brute_force_timeline(profile, recompute) -> list[int]:
             dies[value] = last
         else:
             dies[value] = max(readers, default=t0)
+    # Rule 7: a replayed random node's saved generator state, from its forward
+    # step to its last replay; and the current state during each replay.
+    replays = {n for n, blk in (s.value for s in steps) if blk is not None and nodes[n].random}
+    state = profile.rng_state_bytes
     timeline = []
     for t, step in enumerate(steps):
         live = {p for v, ps in value_storages.items() if born[v] <= t <= dies[v] for p in ps}
         live |= {(s, t) for s in nodes[step.node].allocates}
-        timeline.append(sum(nbytes[s] for s, _ in live) + nodes[step.node].temp_bytes)
+        saved = sum(
+            state for v in replays
+            if born[(v, None)] <= t <= max(born[x] for x in born if x[0] == v and x[1] is not None)
+        )  # fmt: skip
+        current = state if step.block is not None and nodes[step.node].random else 0
+        timeline.append(sum(nbytes[s] for s, _ in live) + nodes[step.node].temp_bytes + saved + current)
     return timeline
 
 
@@ -108,7 +117,7 @@ def test_peak_live_storages_add_up(case):
     sim = simulate(profile, recompute)
     nbytes = {s.name: s.bytes for s in profile.storages}
     temp = profile.node_by_name[sim.peak_node].temp_bytes
-    assert sum(nbytes[s] for s, _ in sim.peak_live) + temp == sim.peak_bytes
+    assert sum(nbytes[s] for s, _ in sim.peak_live) + temp + sim.peak_rng_state_bytes == sim.peak_bytes
 
 
 # ---- hand-computed ------------------------------------------------------------------
