@@ -114,8 +114,8 @@ def model_profile(name: str, batch_size: int, cache: Path | None) -> Profile:
 
 _SIZE = re.compile(
     r"(?P<iters>\d+) solve\(s\), (?P<lazy>\d+) lazy block row\(s\), (?P<cuts>\d+) cut\(s\), "
-    r"(?P<pruned>\d+) chain member\(s\) pruned by cost, (?P<rebuilds>\d+) rebuild\(s\) adding "
-    r"(?P<columns>\d+) chain member\(s\); build (?P<build>[0-9.]+) s, solve (?P<solve>[0-9.]+) s"
+    r"(?P<pruned>\d+) chain member\(s\) pruned by cost, (?P<rebuilds>\d+) rebuild\(s\), "
+    r"(?P<columns>\d+) chain member\(s\) on demand; build (?P<build>[0-9.]+) s, solve (?P<solve>[0-9.]+) s"
 )
 
 COLUMNS = (

@@ -255,7 +255,9 @@ def solve(
                     bound = max(bound, min(res.bound if res.bound is not None else res.objective, res.objective))
             break
     if columns:
-        notes.append(f"model.py Note 10: {columns} chain member(s) added in {rebuilds} rebuild(s)")
+        notes.append(
+            f"model.py Note 10: {columns} chain member(s) needed beyond the first model, {rebuilds} rebuild(s)"
+        )
     solve_time = time.perf_counter() - solve_t0
     size = f.size()
     common = dict(
@@ -374,8 +376,8 @@ def _size_note(out: Outcome) -> str:
     return (
         f"model: {s.variables} variables ({s.binaries} binary), {s.rows} rows, {s.nonzeros} nonzeros; "
         f"{out.iterations} solve(s), {out.lazy_rows} lazy block row(s), {out.no_goods} cut(s), "
-        f"{out.pruned} chain member(s) pruned by cost, {out.rebuilds} rebuild(s) adding {out.columns} "
-        f"chain member(s); build {out.build_time_s:.2f} s, solve {out.solve_time_s:.2f} s"
+        f"{out.pruned} chain member(s) pruned by cost, {out.rebuilds} rebuild(s), {out.columns} "
+        f"chain member(s) on demand; build {out.build_time_s:.2f} s, solve {out.solve_time_s:.2f} s"
     )
 
 
