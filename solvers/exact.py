@@ -212,7 +212,7 @@ def solve(
                             base = base.with_incumbent(best_value)
                         if log is not None:
                             log(f"  that plan fits: new incumbent {best_value:.6g} s, {base.pruned_count} pruned")
-                if best is not None and bound >= best_value - 1e-9 * max(1.0, abs(best_value)):
+                if best is not None and bound >= best_value - 1e-9 * abs(best_value):
                     status = OPTIMAL  # a relaxation's bound meets a plan the simulator accepts: no rebuild needed
                     if log is not None:
                         log("  the relaxed model's bound meets the incumbent: optimal")
