@@ -42,6 +42,13 @@ significant digits, so float noise in summed times does not decide ties;
 ties go to the candidate created first. A block time below ``min_time_s``
 counts as ``min_time_s``: free recomputes (views, zero-time nodes) rank first,
 larger ones before smaller.
+
+Note G4 (chains that cannot be replayed). A block may grow, through other
+picks, to a node that no block may replay (``MemoryModel.replayable``: a
+side effect, or a value written in place later); such a plan is invalid. A
+candidate whose own block would, or whose pick would grow an earlier pick's
+block that far, is skipped for good (blocks only grow, so the conflict
+stays): the order can end before every candidate is picked.
 """
 
 from __future__ import annotations
@@ -173,6 +180,36 @@ class _Blocks:
         self.block_time[c] += added
         return added, count
 
+    def conflicts(self, p: str, replayable) -> bool:
+        """Whether recomputing ``p`` would make a block of the plan replay a node
+        that cannot be replayed (``replayable(node)`` false): ``p``'s own block,
+        or the growth of an earlier pick's block through ``p`` (walked without
+        changing anything; blocks only grow, so a conflict never goes away)."""
+        if not all(replayable(v) for v in self.members[p]):
+            return True
+        inputs, always, never, watch = self.inputs, self.always, self.never, self.watch
+        recomputed = self.recomputed | {p}
+        for c in self.readers.get(p, ()):
+            if c not in self.recomputed:
+                continue
+            members = self.members[c]
+            seen: set[str] = set()
+            stack = [x for x in self.aliases[p] if x in self.sources[c]]
+            while stack:
+                v = stack.pop()
+                if v in members or v in seen:
+                    continue
+                if not replayable(v):
+                    return True
+                seen.add(v)
+                for i in inputs[v]:
+                    if i in members or i in seen:
+                        continue
+                    if i in always or (i not in never and not any(s == c or s in recomputed for s in watch[i])):
+                        continue
+                    stack.append(i)
+        return False
+
     def pick(self, p: str) -> tuple[list[str], float, int]:
         """Recompute ``p`` and grow the blocks that read it. Returns the grown
         candidates, and the time and nodes added to the blocks of earlier picks."""
@@ -207,7 +244,10 @@ class _Greedy:
     """The pick order, computed lazily: only as far as the stop needs (Note G2)."""
 
     def __init__(self, profile: Profile, *, min_time_s: float):
-        self.blocks_ = _Blocks(profile, memory_model(profile))
+        model = memory_model(profile)
+        self.blocks_ = _Blocks(profile, model)
+        self.replayable = model._replayable_cached
+        self.skipped: set[str] = set()  # candidates that would make the plan invalid (Note G4)
         self.index = profile.node_index
         self.sizes = {s.name: s.bytes for s in profile.storages}
         self.rank = {c: i for i, c in enumerate(self.blocks_.candidates)}
@@ -237,6 +277,9 @@ class _Greedy:
             neg_ratio, rank, c = heapq.heappop(heap)
             if c in blocks.recomputed or (neg_ratio, rank) != self._key(c):
                 continue  # stale: its block grew since this entry was pushed
+            if c in self.skipped or blocks.conflicts(c, self.replayable):
+                self.skipped.add(c)  # Note G4: never pickable again
+                continue
             self.order.append(c)
             self.ratios.append(-neg_ratio)
             self.block_times.append(blocks.block_time[c])
@@ -272,7 +315,7 @@ class _Greedy:
 
 
 def pick_order(profile: Profile, *, min_time_s: float = 1e-12) -> PickOrder:
-    """mu-TWO's pick order over every candidate (Notes G1, G3)."""
+    """mu-TWO's pick order over every candidate it can pick (Notes G1, G3, G4)."""
     g = _Greedy(profile, min_time_s=min_time_s)
     g.extend(g.n)
     return g.result()
@@ -288,22 +331,24 @@ def _shortest_fitting_prefix(profile: Profile, g: _Greedy, budget_bytes: int, se
             known[k] = peak_bytes(profile, g.prefix(k), blocks=g.blocks(k)) <= budget_bytes
         return known[k]
 
-    n = g.n
+    def has(k: int) -> bool:  # the order has k picks (it can end early: Note G4)
+        g.extend(k)
+        return len(g.order) >= k
+
     if fits(0):
         return 0, len(known)
     k = None
     if search == "linear":
-        k = next((k for k in range(1, n + 1) if fits(k)), None)
-    else:
+        k = next((k for k in range(1, g.n + 1) if has(k) and fits(k)), None)
+    elif has(1):
         lo, hi = 0, 1
         while not fits(hi):  # gallop: double k, but at most double the schedule's length
-            if hi >= n:
+            if not has(hi + 1):
                 break
             lo = hi
             limit = 2 * g.steps[hi - 1]
             nxt = hi + 1
-            while nxt < min(2 * hi, n):
-                g.extend(nxt + 1)
+            while nxt < 2 * hi and has(nxt + 1):
                 if g.steps[nxt] > limit:
                     break
                 nxt += 1
@@ -346,6 +391,8 @@ def greedy(*, profile: Profile, budget_bytes: int, options: GreedyOptions) -> Pl
             notes=(
                 f"{options.search} search: the first {k} of the {g.n} candidates in pick order fit, "
                 f"after {len(g.order)} picks and {sims} simulations",
+                *([f"Note G4: {len(g.skipped)} candidate(s) skipped: recomputing them with earlier picks "
+                   "would replay a node that cannot be replayed"] if g.skipped else []),
             ),
         ),
     )

@@ -277,14 +277,29 @@ def floor(profile: Profile) -> int:
     """The smallest peak the planners promise to reach (memory model, rule 6).
 
     The simulated peak when every candidate (``MemoryModel.candidates``) is
-    recomputed; or the no-recompute peak, in the rare profile where
+    recomputed (or, where that plan is invalid because a chain would replay a
+    node that cannot be replayed, every candidate the greedy can pick); or
+    the no-recompute peak, in the rare profile where
     recomputing everything raises the peak above it (a backward peak that
     recompute blocks make higher). A budget below it raises
     :class:`InfeasibleBudget`. Costs one simulation of the every-candidate
     schedule (fast path), cached per profile.
     """
+    return min(peak_bytes(profile, _most_recomputed(profile)), peak_bytes(profile, frozenset()))
+
+
+def _most_recomputed(profile: Profile) -> frozenset[str]:
+    """Every candidate, or where that plan is invalid (a chain would replay a
+    node that cannot be replayed), every candidate the greedy can pick (its
+    Note G4)."""
     everything = frozenset(memory_model(profile).candidates)
-    return min(peak_bytes(profile, everything), peak_bytes(profile, frozenset()))
+    try:
+        peak_bytes(profile, everything)
+    except InvalidPlan:
+        from acopt.greedy import pick_order
+
+        return frozenset(pick_order(profile).order)
+    return everything
 
 
 _REGION_WORDS = {Region.FORWARD: "forward pass", Region.BACKWARD: "backward pass", Region.OPTIMIZER: "optimizer step"}
@@ -296,12 +311,13 @@ def check_budget(profile: Profile, budget_bytes: int) -> None:
     if budget_bytes >= floor_bytes:
         return
     candidates = memory_model(profile).candidates
-    everything = frozenset(candidates) if floor_bytes < no_recompute_peak(profile) else frozenset()
-    peak, node, block, region = peak_location(profile, everything)
+    most = _most_recomputed(profile)
+    peak, node, block, region = peak_location(profile, most if floor_bytes < no_recompute_peak(profile) else ())
     where = node if block is None else f"{node} in the recompute block for {block}"
+    which = f"all {len(candidates)}" if len(most) == len(candidates) else f"{len(most)} of the {len(candidates)}"
     raise InfeasibleBudget(
         f"budget {format_bytes(budget_bytes)} ({budget_bytes} bytes) is below the floor "
-        f"{format_bytes(floor_bytes)} ({floor_bytes} bytes): with all {len(candidates)} recomputable "
+        f"{format_bytes(floor_bytes)} ({floor_bytes} bytes): with {which} recomputable "
         f"activations recomputed the peak is still {format_bytes(floor_bytes)}, at {where} "
         f"({_REGION_WORDS[region]}); the no-recompute peak is {format_bytes(no_recompute_peak(profile))}",
         floor_bytes=floor_bytes,

@@ -117,7 +117,7 @@ class MemoryModel:
                     out.setdefault(s, []).append(i)
         return {k: tuple(v) for k, v in out.items()}
 
-    @property
+    @cached_property
     def mutated(self) -> frozenset[str]:
         """Storages written in place before the optimizer region."""
         return frozenset(self.mutations)
@@ -175,6 +175,17 @@ class MemoryModel:
         if node not in known:
             known[node] = self.replayable(node)
         return known[node]
+
+    def check_replayable(self, activation: str, nodes: Iterable[str]) -> None:
+        """Raise :class:`InvalidPlan` if the block rebuilding ``activation`` would
+        replay a node that cannot be replayed (a chain can reach nodes that no
+        single candidate's block replays)."""
+        for v in nodes:
+            if not self._replayable_cached(v):
+                raise InvalidPlan(
+                    f"plan cannot rebuild {activation!r}: its recompute block would replay {v!r}, "
+                    "which cannot be replayed (a side effect, or a value changed in place later)"
+                )
 
     @cached_property
     def candidates(self) -> tuple[str, ...]:
@@ -267,12 +278,7 @@ class MemoryModel:
         # plan, not only for each candidate's own: a chain can reach nodes that
         # no single candidate's block replays.
         for b in blocks:
-            for v in b.nodes:
-                if not self._replayable_cached(v):
-                    raise InvalidPlan(
-                        f"plan cannot rebuild {b.activation!r}: its recompute block would replay {v!r}, "
-                        "which cannot be replayed (a side effect, or a value changed in place later)"
-                    )
+            self.check_replayable(b.activation, b.nodes)
         # Which block rebuilds each forward value that later nodes read instead.
         rebuilt: dict[str, str] = {}
         for b in blocks:

@@ -574,6 +574,8 @@ class _Delta:
         if blocks is None:
             blocks = [_Walked(a, *self._block(a, recompute)) for a in model.check_plan(recompute)]
         blocks = sorted(blocks, key=key)
+        for b in blocks:  # as MemoryModel.schedule
+            model.check_replayable(b.activation, b.nodes)
         rebuilt: dict[str, str] = {}
         for b in blocks:
             for v in self.aliases[b.activation]:

@@ -312,3 +312,34 @@ def residual_profile(
             b.node(f"step_{w}", "add_", O, inputs=(w, f"g{w}"), storages=(w,), mutates=(w,), recomputable=False)
     b.node("output", "output", O, inputs=("loss",), recomputable=False)
     return b.profile(batch_size=batch_size, model=f"residual{blocks}")
+
+
+def unreplayable_chain_profile() -> Profile:
+    """A chain may reach a node that no block may replay (solvers/model.py Note 11).
+
+    a = f(x) 100 B, 1 s; i = a view of a that cannot be replayed (forward only);
+    b = f(i) 100 B, 2 s; loss = f(b). Backward: g1 200 B, g2 10 B, gb reads b,
+    ga reads a. Empty plan: 410 at g2. {a}: 310 (a's block replays a alone);
+    {b}: 310 (b's block reads i, which a keeps alive). {a, b} would be 210, but
+    b's block would then have to replay i: not a valid plan (the schedule
+    refuses it). Optimum: budget 310..409 -> {a}, 1 s; below 310 nothing fits.
+    """
+    x = NodeRecord(name="x", op="placeholder", region=F, storages=("x",), allocates=("x",))
+    nodes = [x]
+    storages = [StorageRecord(name="x", bytes=0, node="x")]
+    for name, region, inputs, nbytes, t in (
+        ("a", F, ("x",), 100, 1.0), ("i", F, ("a",), None, 0.0), ("b", F, ("i",), 100, 2.0),
+        ("loss", F, ("b",), 0, 0.0), ("g1", B, ("loss",), 200, 0.0), ("g2", B, ("g1",), 10, 0.0),
+        ("gb", B, ("g2", "b"), 10, 0.0), ("ga", B, ("gb", "a"), 10, 0.0),
+    ):  # fmt: skip
+        if nbytes is None:  # the view: refers to a's storage, allocates nothing
+            nodes.append(
+                NodeRecord(name=name, op="op", region=region, inputs=inputs, storages=("a",), recomputable=False)
+            )
+            continue
+        nodes.append(
+            NodeRecord(name=name, op="op", region=region, inputs=inputs, storages=(name,), allocates=(name,), time_s=t)
+        )
+        storages.append(StorageRecord(name=name, bytes=nbytes, node=name))
+    nodes.append(NodeRecord(name="output", op="output", region=O, inputs=("loss", "ga"), recomputable=False))
+    return Profile(nodes=tuple(nodes), storages=tuple(storages), meta=ProfileMeta(model="contract"))

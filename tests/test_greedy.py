@@ -17,7 +17,7 @@ from acopt.greedy import GreedyOptions, _Blocks, _Greedy, _shortest_fitting_pref
 from acopt.planning import InfeasibleBudget, PlanStatus, floor, no_recompute_peak, plan
 from acopt.schedule import MemoryModel
 from acopt.simulator import peak_bytes, simulate
-from tests.strategies import chain_profile, profiles, residual_profile
+from tests.strategies import chain_profile, profiles, residual_profile, unreplayable_chain_profile
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -269,3 +269,17 @@ def test_the_worked_example_in_the_docs():
     with pytest.raises(InfeasibleBudget, match=r"below the floor 914 B .* at b in the recompute block for b"):
         plan(profile, budget=912)
     assert plan(profile, budget=1014).recompute == frozenset()
+
+
+def test_chains_that_cannot_be_replayed_are_skipped():
+    """Greedy Note G4: recomputing both a and b would make b's block replay a
+    node that cannot be replayed. The greedy skips the conflicting pick, the
+    floor is the peak of what it can pick, and below it InfeasibleBudget."""
+    profile = unreplayable_chain_profile()
+    order = pick_order(profile).order
+    assert len(order) == 1 < len(MemoryModel(profile).candidates)
+    assert floor(profile) == 310 == peak_bytes(profile, order)
+    p = plan(profile, budget=310, solver="greedy")
+    assert simulate(profile, p).peak_bytes <= 310
+    with pytest.raises(InfeasibleBudget, match="1 of the 2 recomputable"):
+        plan(profile, budget=300, solver="greedy")
