@@ -345,7 +345,13 @@ def run(
     if recompute is None:  # time limit before any plan: fall back on the greedy
         from acopt.greedy import GreedyOptions, greedy
 
-        recompute = greedy(profile=profile, budget_bytes=budget_bytes, options=GreedyOptions()).recompute
+        try:
+            recompute = greedy(profile=profile, budget_bytes=budget_bytes, options=GreedyOptions()).recompute
+        except ValueError as e:  # below the floor too: no plan to return
+            raise TimeoutError(
+                f"{solver}: time limit {options.time_limit_s:g} s before any plan was found or the budget "
+                f"proven infeasible, and the greedy has none either ({e})"
+            ) from e
         notes.append("time limit before the solver found a plan: the greedy plan is returned")
         status = PlanStatus.TIME_LIMIT
     notes.append(_size_note(out))

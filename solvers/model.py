@@ -134,6 +134,15 @@ later): a plan whose block would replay it is invalid (``MemoryModel.schedule``
 raises). Such extra members get ``y = 0``, so by Note 2 the plan never makes
 them unavailable on the way; they are in the model from the first build
 (Note 10 never leaves them out), and Note 6 may prune them as usual.
+
+Note 12 (generator states, exact). Memory model rule 7: a random node v
+that some block replays keeps its generator state (``rng_state_bytes``)
+from its forward step to its last replay, and each replay holds one more
+during v. The saved state is written as a storage ``rng-state:v`` that dies
+just before v in the unmodified step and is read by every block that may
+replay v (read literal ``y[k, v]``), so Note 3 (b) and Note 4 count it with
+the ``l`` variables of kept sources; the replay's state is workspace of v in
+the block rows.
 """
 
 from __future__ import annotations
@@ -212,6 +221,7 @@ class ModelSize:
 
 # Literals: a variable id or the constant 1 (``ONE``).
 ONE = -1
+RNG_STATE = "rng-state:"  # Note 12: pseudo-storage names of saved generator states
 
 
 def _and_row(name: str, z: int, lits: Sequence[int]) -> Row:
@@ -802,6 +812,16 @@ class Formulation:
                             continue
                         key = (c.position, c.order, v)
                         points.setdefault(s, {}).setdefault(key, []).append((k, v, x))
+        # Note 12: a replayed random node's saved generator state, read by each
+        # block that replays it, as a storage that dies just before the node.
+        state = self.profile.rng_state_bytes
+        if state:
+            for k, c in enumerate(self.candidates):
+                for v in (*c.core, *self.extra_of[k]):
+                    if nodes[v].random:
+                        s = f"{RNG_STATE}{nodes[v].name}"
+                        self.death[s], self._sbytes[s] = v - 1, state
+                        points.setdefault(s, {}).setdefault((c.position, c.order, v), []).append((k, v, None))
         # l[s, j] chain per storage (later points first so "next" exists)
         self.read_points: dict[str, list[tuple[tuple[int, int, int], int]]] = {}
         for s, pts in points.items():
@@ -812,7 +832,7 @@ class Formulation:
                 key = keys[j]
                 reads = []
                 for k, v, x in pts[key]:
-                    reads.append((self.y(k, v), self.u(x)))
+                    reads.append((self.y(k, v), None if x is None else self.u(x)))
                 lv = self._var(("l", s, j), UNIT, 0, 1, ("l", tuple(reads), nxt))
                 chain.append((key, lv))
                 nxt = lv
@@ -947,10 +967,12 @@ class Formulation:
                 if lv is not None:
                     add(lv, self._sbytes[s])
                     ub += self._sbytes[s]
-        # the block's own storages alive at w, and w's workspace
-        if self._temp[w]:
-            add(self.y(k, w), self._temp[w])
-            ub += self._temp[w]
+        # the block's own storages alive at w, and w's workspace (with the
+        # generator state a random node's replay holds, Note 12)
+        temp = self._temp[w] + (self.profile.rng_state_bytes if nodes[w].random else 0)
+        if temp:
+            add(self.y(k, w), temp)
+            ub += temp
         for u in sorted(members):
             if u > w:
                 break
