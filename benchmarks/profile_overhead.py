@@ -5,8 +5,9 @@
 
 Real mode prints: eager step time (median), trace time, profile time (warmup
 + iterations + one workspace pass), their ratio to the same number of eager
-steps, and the interpreter's overhead per node (profiled wall time minus the
-sum of the nodes' own times, over the node count). Fake mode builds the model
+steps, and the interpreter's overhead per node (a recording pass of the
+profiler's interpreter against the graph's own generated code on the same
+inputs, medians of 3, over the node count). Fake mode builds the model
 on the meta device and prints fake-profile time, peak RSS and the predicted
 peak. Both print node and activation counts.
 """
