@@ -30,43 +30,16 @@ from collections.abc import Sequence
 
 from acopt.planning import Plan, PlannerSpec
 from acopt.records import Profile
+from solvers.exact import ExactOptions
 from solvers.model import BINARY, FREE, Formulation
 
 INSTALL = "pip install 'acopt[solvers]'"
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class IlpOptions:
-    """Options of the ``ilp`` planner.
-
-    ``time_limit_s``: wall-clock limit for the whole solve (the best plan so far
-    is returned with status ``time_limit``). ``threads``: CBC threads.
-    ``rel_gap``: stop when proven within this relative gap (status
-    ``feasible`` unless the gap closes). ``warm_start``: start from the greedy
-    plan (also its cost prunes chains, solvers/model.py Note 6). ``msg``: show
-    CBC's log. ``chain_depth``: chain members (solvers/model.py Note 10) the
-    first model holds, by how many other candidates' creators lie on the way;
-    the rest are added when a plan needs them. None: all up front.
-    ``verbose``: one line per build and solve of the lazy loop on stderr.
-    """
-
-    time_limit_s: float = 60.0
-    threads: int = 2
-    rel_gap: float = 0.0
-    warm_start: bool = True
-    msg: bool = False
-    chain_depth: int | None = 1
-    verbose: bool = False
-
-    def __post_init__(self) -> None:
-        if not self.time_limit_s > 0:
-            raise ValueError(f"time_limit_s must be positive, not {self.time_limit_s!r}")
-        if self.threads < 1:
-            raise ValueError(f"threads must be at least 1, not {self.threads!r}")
-        if not 0 <= self.rel_gap < 1:
-            raise ValueError(f"rel_gap must be in [0, 1), not {self.rel_gap!r}")
-        if self.chain_depth is not None and self.chain_depth < 0:
-            raise ValueError(f"chain_depth must be None or at least 0, not {self.chain_depth!r}")
+class IlpOptions(ExactOptions):
+    """Options of the ``ilp`` planner: :class:`solvers.exact.ExactOptions`
+    (``threads`` are CBC's, ``msg`` shows CBC's log)."""
 
 
 def _import_pulp():
