@@ -105,7 +105,7 @@ COLUMNS = [
     "first_step_s", "prepare_s", "recomputed", "activations", "plan_status", "predicted_recompute_s",
     "numerics_steps", "loss", "loss_max_abs_diff_vs_none", "param_max_abs_diff_vs_none", "reference",
     "bitwise_vs_reference", "memory_how", "torch_backend", "notes",
-    "measured_minus_sim_bytes", "rng_states", "rng_state_bytes", "planned_budget_bytes", "threads", "load_avg_1m",
+    "measured_minus_sim_bytes", "rng_states", "rng_state_bytes", "threads", "load_avg_1m",
 ]  # fmt: skip
 """The CSV's columns, in order (docs/results.md describes each)."""
 
@@ -374,7 +374,6 @@ def acopt_step(ctx: Context, solver: str, budget_bytes: int) -> Prepared:
             "predicted_recompute_s": sim.recompute_time_s,
             "rng_states": k,
             "rng_state_bytes": k * ctx.profile.rng_state_bytes,
-            "planned_budget_bytes": budget_bytes,
         },
         reference="traced",
     )

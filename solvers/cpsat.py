@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 from acopt.planning import Plan, PlannerSpec
 from acopt.records import Profile
-from solvers.exact import ExactOptions
+from solvers.exact import ExactOptions, run
 from solvers.model import FREE, Formulation
 
 INSTALL = "pip install 'acopt[solvers]'"
@@ -47,10 +47,8 @@ def _import_cp_model():
 
 def cpsat(*, profile: Profile, budget_bytes: int, options: CpsatOptions) -> Plan:
     """Plan with the exact model solved by CP-SAT (see the module docstring)."""
-    from solvers import exact
-
     cp_model = _import_cp_model()
-    return exact.run(
+    return run(
         profile=profile, budget_bytes=budget_bytes, options=options, solver="cpsat",
         make_backend=lambda f: CpsatBackend(cp_model, f, options),
     )  # fmt: skip

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 
 from acopt.planning import Plan, PlannerSpec
 from acopt.records import Profile
-from solvers.exact import ExactOptions
+from solvers.exact import ExactOptions, run
 from solvers.model import BINARY, FREE, Formulation
 
 INSTALL = "pip install 'acopt[solvers]'"
@@ -52,10 +52,8 @@ def _import_pulp():
 
 def ilp(*, profile: Profile, budget_bytes: int, options: IlpOptions) -> Plan:
     """Plan with the exact model solved by CBC (see the module docstring)."""
-    from solvers import exact
-
     pulp = _import_pulp()
-    return exact.run(
+    return run(
         profile=profile, budget_bytes=budget_bytes, options=options, solver="ilp",
         make_backend=lambda f: PulpBackend(pulp, f, options),
     )  # fmt: skip
