@@ -44,7 +44,8 @@ _EXPORTS = {
     # torch
     "trace": "acopt.tracer",
     "TracedStep": "acopt.tracer",
-    "UnsupportedStep": "acopt.tracer",
+    "UnsupportedStep": "acopt.errors",
+    "GuardFailure": "acopt.errors",
     "profile": "acopt.profiler",
     "rewrite": "acopt.rewriter",
     "compile": "acopt.compiler",
@@ -74,5 +75,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from acopt.rewriter import rewrite
     from acopt.schedule import InvalidPlan
     from acopt.simulator import Simulation, simulate
-    from acopt.tracer import TracedStep, UnsupportedStep, trace
+    from acopt.errors import GuardFailure, UnsupportedStep
+    from acopt.tracer import TracedStep, trace
     from acopt.units import parse_bytes

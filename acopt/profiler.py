@@ -326,22 +326,22 @@ def allocator_peak_bytes(traced: TracedStep, *batch: torch.Tensor) -> int:
     """Peak bytes the allocator holds while one step of ``traced`` runs on copies
     of its inputs (inputs included): CUDA's peak counter, or on CPU the sum of
     torch.profiler's allocation events. The cross-check for storage accounting."""
-    inputs = [t.detach().clone() for t in traced.flat_inputs(*batch)]
-    device = inputs[0].device if inputs else torch.device("cpu")
+    inputs = [t.detach().clone() if isinstance(t, torch.Tensor) else t for t in traced.flat_inputs(*batch)]
+    device = next((t.device for t in inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
     interp = StepInterpreter(traced.graph_module, device=device)
     rng = _RngState.capture(device)
     try:
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-            with torch.no_grad():
+            with torch.enable_grad():
                 out, _ = interp.run(inputs, record=False)
             torch.cuda.synchronize()
             return torch.cuda.max_memory_allocated()
         from torch._C._profiler import _EventType
 
-        base = sum(t.untyped_storage().nbytes() for t in {_storage_key(t): t for t in inputs}.values())
-        with torch.no_grad(), _allocation_events() as prof:
+        base = sum(t.untyped_storage().nbytes() for t in {_storage_key(t): t for t in _tensors(inputs)}.values())
+        with torch.enable_grad(), _allocation_events() as prof:
             out, _ = interp.run(inputs, record=False)
             del out
         sizes: list[tuple[int, int]] = []
@@ -410,7 +410,7 @@ def profile(
             from torch._subclasses.fake_tensor import FakeTensorMode
 
             mode = FakeTensorMode(allow_non_fake_inputs=False)
-            with mode, torch.no_grad():
+            with mode, torch.enable_grad():
                 fake_inputs = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in inputs]
                 _, run = interp.run(fake_inputs)
             runs = [run]
@@ -420,7 +420,7 @@ def profile(
             runs = []
             total = warmup + iterations
             bar = _progress(total, progress, "profiling")
-            with torch.no_grad():
+            with torch.enable_grad():
                 for it in range(total):
                     _, run = interp.run(copies, record=True)
                     if it >= warmup:

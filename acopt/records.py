@@ -41,6 +41,8 @@ class Role(str, enum.Enum):
     GRADIENT = "gradient"
     OPTIMIZER_STATE = "optimizer_state"
     INPUT = "input"
+    CONSTANT = "constant"  # a tensor constant of the graph (lifted get_attr), alive the whole step
+    HYPERPARAMETER = "hyperparameter"  # a float optimizer hyperparameter, read live at each call
     ACTIVATION = "activation"
     OTHER = "other"
 

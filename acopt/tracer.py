@@ -1,20 +1,31 @@
 """Trace one whole training step (forward, backward, optimizer) into one fx graph.
 
 ``acopt.trace(train_step, model, optimizer, *batch)`` runs the user's eager
-``train_step`` once under ``make_fx`` with fake tensors. Parameters, buffers,
-optimizer state and the batch become the graph's placeholders; the graph
-returns the loss and the gradients left on the parameters after the step.
-The forward/backward boundary is found without any marker from the user:
-``torch.autograd.backward`` is wrapped while tracing, and the graph's length
-when it starts and ends splits the nodes into regions.
+``train_step`` under ``make_fx`` with fake tensors. Parameters, buffers,
+optimizer state, the batch, the graph's tensor constants and the numbers of
+the optimizer's param groups become the graph's placeholders; the graph
+returns the loss, the gradients left on the parameters after the step, and
+the buffers the step reassigns. The forward/backward boundary is found
+without any marker from the user: ``torch.autograd.backward`` is wrapped
+while tracing, and the graph's length when it starts and ends splits the
+nodes into regions.
 
-Notes on faithfulness (docs/usage.md, "What acopt traces"):
+What the graph assumed about the live program is either a graph input (read
+at every call) or a guard (checked at every call, :mod:`acopt.guards`);
+never a silent constant. Notes on faithfulness (docs/usage.md, "What acopt
+traces"):
 
 * Optimizer state is created before tracing, as the optimizer would create it
   lazily at its first step (zeros, step 0), so the graph is the steady-state
   step. Adam and AdamW are traced in their ``capturable`` form (the step count
   is a tensor); the numbers equal eager ``capturable=True`` bitwise and eager
   default Adam to float rounding.
+* Hyperparameters (``lr``, ``betas``, ...) are live inputs
+  (:mod:`acopt.hyperparams`): the step is traced twice with different
+  sentinel values, and a step whose graphs differ elsewhere is refused.
+* User ``torch.utils.checkpoint`` regions are traced as plain code: acopt's
+  own plan decides what to recompute, and their random ops run once, in the
+  forward, drawing what eager draws.
 * A step starts from no gradients (``train_step`` must call ``zero_grad``);
   gradient accumulation across calls is refused, not silently changed.
 """
@@ -25,6 +36,8 @@ import contextlib
 import dataclasses
 import operator
 import time
+import weakref
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -34,13 +47,14 @@ from torch.fx.experimental.proxy_tensor import get_proxy_mode, make_fx
 from torch.nn.utils import stateless
 from torch.optim.optimizer import _get_scalar_dtype, register_optimizer_step_pre_hook
 
+from acopt.errors import GuardFailure, UnsupportedStep
+from acopt.guards import Guards
+from acopt.hyperparams import Book, InputKey, literal_values
 from acopt.records import Region, Role
 
+__all__ = ["GuardFailure", "TracedStep", "UnsupportedStep", "trace"]
+
 REGION_KEY = "acopt_region"
-
-
-class UnsupportedStep(RuntimeError):
-    """The training step uses something acopt cannot trace faithfully."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -48,7 +62,9 @@ class InputSpec:
     """What one graph placeholder is bound to at each call."""
 
     role: Role
-    key: str  # parameter/buffer name, "param_name/state_key", or "batch[i]"
+    # parameter/buffer name, "param_name/state_key", "batch[i]", "constant[name]",
+    # or "param_groups[g]['key']" for a hyperparameter
+    key: str
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -57,49 +73,54 @@ class _StateSlot:
     key: str
 
 
+@dataclasses.dataclass(slots=True, kw_only=True)
+class _Binding:
+    """How a step graph is bound to the live model and optimizer (shared by a
+    traced step and its rewrites)."""
+
+    model: torch.nn.Module
+    optimizer_ref: weakref.ref
+    params: list[tuple[str, torch.nn.Parameter]]
+    buffers: list[tuple[str, torch.Tensor]]
+    state_slots: list[_StateSlot]
+    batch_meta: list[tuple[torch.Size, torch.dtype, torch.device]]
+    constants: list[tuple[str, torch.Tensor]]
+    hyper_inputs: list[InputKey]
+    read_hypers: Callable[[Sequence[dict]], list[Any]]
+    grad_params: list[int]
+    reassigned_buffers: list[int]  # indices into buffers, in output order
+    guards: Guards
+
+
 _SUPPORTED_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
 
 
 class TracedStep:
     """A training step as one fx graph; calling it runs one step in place.
 
-    ``TracedStep(*batch)`` reads the model's and optimizer's *current* tensors
-    at every call (so ``load_state_dict`` between steps just works), runs the
-    graph under ``torch.no_grad()``, writes the gradients back to ``.grad`` and
-    returns the loss.
+    ``TracedStep(*batch)`` checks the guards, reads the model's and optimizer's
+    *current* tensors and hyperparameters (so ``load_state_dict`` and LR
+    schedulers between steps just work), runs the graph, writes the gradients
+    back to ``.grad`` and reassigned buffers back to their modules, and returns
+    the loss. A failed guard raises :class:`GuardFailure` before anything is
+    touched.
     """
 
-    def __init__(
-        self,
-        *,
-        graph_module: fx.GraphModule,
-        model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
-        params: Sequence[tuple[str, torch.nn.Parameter]],
-        buffers: Sequence[tuple[str, torch.Tensor]],
-        state_slots: Sequence[_StateSlot],
-        batch_meta: Sequence[tuple[torch.Size, torch.dtype, torch.device]],
-        grad_params: Sequence[int],
-        provenance: dict[str, Any],
-    ):
+    def __init__(self, *, graph_module: fx.GraphModule, binding: _Binding, provenance: dict[str, Any]):
         self.graph_module = graph_module
-        self.model = model
-        self.optimizer = optimizer
-        self._params = list(params)
-        self._buffers = list(buffers)
-        self._state_slots = list(state_slots)
-        self._batch_meta = list(batch_meta)
-        self._grad_params = list(grad_params)
+        self._b = binding
         self.provenance = dict(provenance)
-        names = [n for n, _ in self._params]
+        names = [n for n, _ in binding.params]
         self.input_specs: tuple[InputSpec, ...] = (
             *(InputSpec(role=Role.PARAMETER, key=n) for n in names),
-            *(InputSpec(role=Role.BUFFER, key=n) for n, _ in self._buffers),
+            *(InputSpec(role=Role.BUFFER, key=n) for n, _ in binding.buffers),
             *(
                 InputSpec(role=Role.OPTIMIZER_STATE, key=f"{names[s.param_index]}/{s.key}")
-                for s in self._state_slots
+                for s in binding.state_slots
             ),
-            *(InputSpec(role=Role.INPUT, key=f"batch[{i}]") for i in range(len(self._batch_meta))),
+            *(InputSpec(role=Role.INPUT, key=f"batch[{i}]") for i in range(len(binding.batch_meta))),
+            *(InputSpec(role=Role.CONSTANT, key=f"constant[{n}]") for n, _ in binding.constants),
+            *(InputSpec(role=Role.HYPERPARAMETER, key=str(k)) for k in binding.hyper_inputs),
         )
 
     # ---- graph facts ------------------------------------------------------
@@ -107,77 +128,102 @@ class TracedStep:
     def graph(self) -> fx.Graph:
         return self.graph_module.graph
 
+    @property
+    def model(self) -> torch.nn.Module:
+        return self._b.model
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        opt = self._b.optimizer_ref()
+        if opt is None:
+            raise GuardFailure(
+                "the optimizer this step was traced with no longer exists (acopt holds it weakly so that "
+                "a re-created optimizer is noticed): keep a reference to it, or trace again with the new one"
+            )
+        return opt
+
+    @property
+    def guards(self) -> Guards:
+        return self._b.guards
+
+    @property
+    def _batch_meta(self) -> list[tuple[torch.Size, torch.dtype, torch.device]]:
+        return self._b.batch_meta
+
     def region(self, node: fx.Node) -> Region:
         return node.meta[REGION_KEY]
 
     @property
     def batch_size(self) -> int:
-        shape = self._batch_meta[0][0] if self._batch_meta else ()
+        shape = self._b.batch_meta[0][0] if self._b.batch_meta else ()
         return int(shape[0]) if len(shape) else 0
 
     def with_graph(self, graph_module: fx.GraphModule, **provenance: Any) -> TracedStep:
         """The same step bound to another graph over the same inputs (the rewriter's result)."""
-        return TracedStep(
-            graph_module=graph_module,
-            model=self.model,
-            optimizer=self.optimizer,
-            params=self._params,
-            buffers=self._buffers,
-            state_slots=self._state_slots,
-            batch_meta=self._batch_meta,
-            grad_params=self._grad_params,
-            provenance={**self.provenance, **provenance},
-        )
+        return TracedStep(graph_module=graph_module, binding=self._b, provenance={**self.provenance, **provenance})
 
     # ---- running --------------------------------------------------------------
-    def flat_inputs(self, *batch: torch.Tensor) -> list[torch.Tensor]:
-        """The graph's inputs for this call, read from the live model and optimizer."""
-        self._check_batch(batch)
-        params = [p for _, p in self._params]
-        state = self.optimizer.state
+    def flat_inputs(self, *batch: torch.Tensor) -> list[Any]:
+        """The graph's inputs for this call, read from the live model and optimizer,
+        after every guard passed. Tensors that require grad are passed detached."""
+        b = self._b
+        optimizer = self.optimizer
+        if len(batch) != len(b.batch_meta):
+            raise GuardFailure(f"traced with {len(b.batch_meta)} batch tensors, got {len(batch)}")
+        for i, t in enumerate(batch):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"batch[{i}] must be a tensor, got {type(t).__name__}")
+        b.guards.check_program(optimizer)
+        params = [p for _, p in b.params]
+        state = optimizer.state
         states = []
-        for slot in self._state_slots:
+        for slot in b.state_slots:
             p = params[slot.param_index]
             try:
                 states.append(state[p][slot.key])
             except KeyError:
-                raise UnsupportedStep(
-                    f"optimizer state {slot.key!r} of parameter "
-                    f"{self._params[slot.param_index][0]!r} is missing: was the optimizer "
-                    "replaced or its state cleared since tracing? Trace again."
+                raise GuardFailure(
+                    f"optimizer state {slot.key!r} of parameter {b.params[slot.param_index][0]!r} is missing: "
+                    "was the optimizer's state cleared since tracing? Trace again."
                 ) from None
-        buffers = [self._current_buffer(name) for name, _ in self._buffers]
-        return [*params, *buffers, *states, *batch]
+        buffers = [_get_buffer(b.model, name) for name, _ in b.buffers]
+        tensors = [*params, *buffers, *states, *batch, *(t for _, t in b.constants)]
+        b.guards.check_inputs(tensors)
+        hypers = b.read_hypers(optimizer.param_groups)
+        return [t.detach() if t.requires_grad else t for t in tensors] + hypers
 
     def __call__(self, *batch: torch.Tensor) -> torch.Tensor:
+        b = self._b
         inputs = self.flat_inputs(*batch)
-        params = [p for _, p in self._params]
+        params = [p for _, p in b.params]
         for p in params:
             p.grad = None  # a step starts from no gradients (train_step zeroes them)
-        with torch.no_grad():
+        # Grad mode as traced: some kernels' outputs depend on it (the mkldnn RNN's
+        # workspace); no input requires grad, so autograd records nothing.
+        with torch.enable_grad():
             out = self.graph_module(*inputs)
-        loss, grads = out[0], out[1:]
-        for i, g in zip(self._grad_params, grads, strict=True):
+        loss = out[0]
+        grads = out[1 : 1 + len(b.grad_params)]
+        new_buffers = out[1 + len(b.grad_params) :]
+        for i, g in zip(b.grad_params, grads, strict=True):
             params[i].grad = g
+        for i, value in zip(b.reassigned_buffers, new_buffers, strict=True):
+            owner, attr = _owner(b.model, b.buffers[i][0])
+            owner._buffers[attr] = value
         return loss
-
-    def _current_buffer(self, name: str) -> torch.Tensor:
-        return self.model.get_buffer(name)
-
-    def _check_batch(self, batch: Sequence[torch.Tensor]) -> None:
-        if len(batch) != len(self._batch_meta):
-            raise ValueError(f"traced with {len(self._batch_meta)} batch tensors, got {len(batch)}")
-        for i, (b, (shape, dtype, device)) in enumerate(zip(batch, self._batch_meta)):
-            if not isinstance(b, torch.Tensor):
-                raise TypeError(f"batch[{i}] must be a tensor, got {type(b).__name__}")
-            if b.shape != shape or b.dtype != dtype or b.device != device:
-                raise ValueError(
-                    f"batch[{i}] is {tuple(b.shape)} {b.dtype} on {b.device}, but the step was "
-                    f"traced for {tuple(shape)} {dtype} on {device}: trace again for a new shape"
-                )
 
     def print_readable(self) -> str:
         return self.graph_module.print_readable(print_output=False)
+
+
+def _owner(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
+    path, _, attr = name.rpartition(".")
+    return (model.get_submodule(path) if path else model), attr
+
+
+def _get_buffer(model: torch.nn.Module, name: str) -> torch.Tensor:
+    owner, attr = _owner(model, name)
+    return owner._buffers[attr]
 
 
 # ---------------------------------------------------------------------------
@@ -194,9 +240,10 @@ def trace(
     On any error the model and optimizer are left as they were.
     """
     start = time.perf_counter()
+    model = _unwrap_compiled(model)
     _check_supported(model, optimizer, batch)
     params = list(model.named_parameters())  # tied weights appear once
-    param_ids = {id(p): i for i, (_, p) in enumerate(params)}
+    param_ids = {id(p) for _, p in params}
     for group in optimizer.param_groups:
         for p in group["params"]:
             if id(p) not in param_ids:
@@ -205,25 +252,48 @@ def trace(
 
     added_state = _init_optimizer_state(optimizer)
     try:
-        traced = _trace(train_step, model, optimizer, batch, params, buffers)
+        first = _trace(train_step, model, optimizer, batch, params, buffers, trace_id=0)
+        second = _trace(train_step, model, optimizer, batch, params, buffers, trace_id=1)
+        _same_literals(first, second)
+        guards = Guards.record(
+            model,
+            optimizer,
+            params=params,
+            buffers=buffers,
+            reassigned={buffers[i][0] for i in first.reassigned},
+            read_keys=first.book.read_keys,
+            inputs=[
+                *params,
+                *buffers,
+                *(
+                    (f"optimizer state {params[s.param_index][0]}/{s.key}", optimizer.state[params[s.param_index][1]][s.key])
+                    for s in first.state_slots
+                ),
+                *((f"batch[{i}]", b) for i, b in enumerate(batch)),
+                *((f"constant {n}", t) for n, t in first.constants),
+            ],
+        )
     except BaseException:
         for p in added_state:
             optimizer.state.pop(p, None)
         raise
-    gm, state_slots, grad_params, marks = traced
-    _tag_regions(gm, marks)
-    _drop_noise(gm)
-    _functional_bernoulli(gm)
-    _outplace_forward_mutations(gm)
+    gm = first.gm
     step = TracedStep(
         graph_module=gm,
-        model=model,
-        optimizer=optimizer,
-        params=params,
-        buffers=buffers,
-        state_slots=state_slots,
-        batch_meta=[(b.shape, b.dtype, b.device) for b in batch],
-        grad_params=grad_params,
+        binding=_Binding(
+            model=model,
+            optimizer_ref=weakref.ref(optimizer),
+            params=params,
+            buffers=buffers,
+            state_slots=first.state_slots,
+            batch_meta=[(b.shape, b.dtype, b.device) for b in batch],
+            constants=first.constants,
+            hyper_inputs=first.hyper_inputs,
+            read_hypers=first.book.guard_checker(first.hyper_inputs),
+            grad_params=first.grad_params,
+            reassigned_buffers=first.reassigned,
+            guards=guards,
+        ),
         provenance={
             "stage": "trace",
             "torch": torch.__version__,
@@ -236,25 +306,34 @@ def trace(
     return step
 
 
-def _name_placeholders(gm: fx.GraphModule, specs: Sequence[InputSpec]) -> None:
-    """Name placeholders after what they hold: ``param__0_weight``, ``batch_0``..."""
-    prefix = {
-        Role.PARAMETER: "param__",
-        Role.BUFFER: "buffer__",
-        Role.OPTIMIZER_STATE: "state__",
-        Role.INPUT: "",
-    }
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    for node, spec in zip(placeholders, specs, strict=True):
-        key = spec.key.replace("[", "_").replace("]", "")
-        node._rename(prefix[spec.role] + "".join(c if c.isalnum() else "_" for c in key))
-        node.target = node.name
-    gm.recompile()
+def _same_literals(a: _Traced, b: _Traced) -> None:
+    """The two traces (different hyperparameter sentinels) must hold the same
+    literals: one that differs came from a hyperparameter acopt could not keep live."""
+    la, lb = literal_values(a.gm), literal_values(b.gm)
+    for (name, x), (_, y) in zip(a.constants, b.constants):
+        la.setdefault(f"constant {name} {x.tolist()!r}", f"constant {name}")
+        lb.setdefault(f"constant {name} {y.tolist()!r}", f"constant {name}")
+    if la.keys() != lb.keys():
+        where = la[next(iter(la.keys() - lb.keys()))] if la.keys() - lb.keys() else lb[next(iter(lb.keys() - la.keys()))]
+        raise UnsupportedStep(
+            "an optimizer hyperparameter reaches the graph in a form acopt cannot keep live (e.g. "
+            "math.sqrt(lr) or torch.tensor(lr) in the step): tracing with another value changed "
+            f"a literal of {where}"
+        )
+
+
+def _unwrap_compiled(model: torch.nn.Module) -> torch.nn.Module:
+    """A ``torch.compile``d model is traced through its original module."""
+    orig = getattr(model, "_orig_mod", None)
+    if isinstance(orig, torch.nn.Module) and type(model).__name__ == "OptimizedModule":
+        return _unwrap_compiled(orig)
+    return model
 
 
 def _check_supported(model, optimizer, batch) -> None:
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    _check_not_distributed(model)
     if type(optimizer) not in _SUPPORTED_OPTIMIZERS:
         names = ", ".join(c.__name__ for c in _SUPPORTED_OPTIMIZERS)
         raise UnsupportedStep(
@@ -264,8 +343,11 @@ def _check_supported(model, optimizer, batch) -> None:
         for flag in ("fused", "differentiable"):
             if group.get(flag):
                 raise UnsupportedStep(f"{type(optimizer).__name__}({flag}=True) in param group {i} is not supported")
-        if isinstance(group.get("lr"), torch.Tensor):
-            raise UnsupportedStep(f"a tensor learning rate (param group {i}) is not supported")
+        for key, value in group.items():
+            if key != "params" and isinstance(value, torch.Tensor):
+                raise UnsupportedStep(
+                    f"a tensor hyperparameter (param_groups[{i}][{key!r}]) is not supported: use a float"
+                )
         if type(optimizer) is torch.optim.SGD and group["momentum"] and group["dampening"]:
             fresh = any(
                 "momentum_buffer" not in optimizer.state.get(p, {}) for p in group["params"]
@@ -280,6 +362,25 @@ def _check_supported(model, optimizer, batch) -> None:
             raise UnsupportedStep(f"batch[{i}] is a {type(b).__name__}; the batch must be tensors")
     if any(p.grad is not None and p.grad.is_sparse for p in model.parameters()):
         raise UnsupportedStep("sparse gradients are not supported")
+
+
+def _check_not_distributed(model: torch.nn.Module) -> None:
+    """Distributed wrappers whose semantics a trace would silently drop are refused
+    (their support is a separate design: docs/usage.md, "Distributed")."""
+    for name, m in model.named_modules():
+        kind = type(m).__name__
+        where = f"submodule {name!r}" if name else "the model"
+        if kind == "DistributedDataParallel":
+            raise UnsupportedStep(
+                f"{where} is wrapped in DistributedDataParallel, whose gradient all-reduce runs in "
+                "autograd hooks that a traced step does not call: pass the unwrapped module and "
+                "all-reduce the gradients in train_step with torch.distributed._functional_collectives"
+            )
+        if kind in ("FullyShardedDataParallel",) or kind.startswith("FSDP"):
+            raise UnsupportedStep(f"{where} is sharded with FSDP ({kind}), which acopt does not trace yet")
+    for name, p in model.named_parameters():
+        if type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor":
+            raise UnsupportedStep(f"parameter {name!r} is a DTensor (FSDP2/tensor parallel), which acopt does not trace yet")
 
 
 def _init_optimizer_state(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -316,9 +417,14 @@ class _Counters:
         self.zero_grads = 0
 
 
-def _graph_len() -> int:
+def _graph() -> fx.Graph | None:
     mode = get_proxy_mode()
-    return len(mode.tracer.graph.nodes) if mode is not None else -1
+    return mode.tracer.graph if mode is not None else None
+
+
+def _graph_len() -> int:
+    graph = _graph()
+    return len(graph.nodes) if graph is not None else -1
 
 
 @contextlib.contextmanager
@@ -348,7 +454,120 @@ def _compiling_flag():
         torch.compiler._is_compiling_flag = old
 
 
-def _trace(train_step, model, optimizer, batch, params, buffers):
+@contextlib.contextmanager
+def _plain_checkpoints():
+    """Trace ``torch.utils.checkpoint`` regions as plain code (acopt plans the recomputation).
+
+    Eager checkpointing replays the region in the backward with the forward's
+    generator state, so running it once gives eager's numbers. Two eager
+    behaviours are kept: a reentrant checkpoint whose inputs need no gradient
+    passes none to the parameters inside, and ``preserve_rng_state=False``
+    makes eager draw new random numbers in its replay, which one graph cannot
+    do faithfully (refused when the region is random).
+    """
+    import torch.utils.checkpoint as cp
+
+    def run(function, preserve, args, kwargs):
+        start = _graph_len()
+        out = function(*args, **kwargs)
+        if not preserve:
+            _refuse_random_since(start, "a torch.utils.checkpoint region with preserve_rng_state=False")
+        return out
+
+    class PlainCheckpointFunction:
+        @staticmethod
+        def apply(function, preserve, *args):
+            if not any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+                with torch.no_grad():  # eager: no gradient reaches the region's parameters
+                    return run(function, preserve, args, {})
+            return run(function, preserve, args, {})
+
+    def plain_generator(function, preserve_rng_state=True, *rest, **kwargs):
+        start = _graph_len()
+        yield
+        if not preserve_rng_state:
+            _refuse_random_since(start, "a torch.utils.checkpoint region with preserve_rng_state=False")
+
+    with _patched(cp, "CheckpointFunction", PlainCheckpointFunction), _patched(
+        cp, "_checkpoint_without_reentrant_generator", plain_generator
+    ):
+        yield
+
+
+def _refuse_random_since(start: int, what: str) -> None:
+    graph = _graph()
+    if graph is None:
+        return
+    for n in list(graph.nodes)[start:]:
+        if is_random(n):
+            raise UnsupportedStep(
+                f"{what} draws random numbers ({n.format_node()}): eager draws them again in the "
+                "backward, which one traced step cannot reproduce; use preserve_rng_state=True"
+            )
+
+
+def is_random(node: fx.Node) -> bool:
+    t = node.target
+    return isinstance(t, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in t.tags
+
+
+_COLLECTIVE_NAMESPACES = frozenset({"c10d", "_c10d_functional", "c10d_functional", "_dtensor", "_c10d_functional_autograd"})
+
+
+def is_collective(node: fx.Node) -> bool:
+    """A torch.distributed collective (memory model rule 8: never dropped, never replayed)."""
+    t = node.target
+    return isinstance(t, torch._ops.OpOverload) and t.namespace in _COLLECTIVE_NAMESPACES
+
+
+@dataclasses.dataclass(slots=True)
+class _Traced:
+    gm: fx.GraphModule
+    state_slots: list[_StateSlot]
+    grad_params: list[int]
+    reassigned: list[int]
+    constants: list[tuple[str, torch.Tensor]]
+    hyper_inputs: list[InputKey]
+    book: Book
+
+
+def _snapshot_attributes(model: torch.nn.Module) -> dict[tuple[int, str], tuple[torch.nn.Module, str, Any]]:
+    """Plain attributes of every module whose change a trace would not repeat."""
+    out = {}
+    for name, m in model.named_modules():
+        for k, v in vars(m).items():
+            if k.startswith("_") and k in ("_parameters", "_buffers", "_modules"):
+                continue
+            if isinstance(v, (torch.Tensor, int, float)) and not isinstance(v, bool):
+                out[(id(m), k)] = (m, f"{name}.{k}" if name else k, v)
+    return out
+
+
+def _check_attributes(model: torch.nn.Module, before: dict) -> None:
+    """Refuse a step that sets plain module attributes (a counter, a cached tensor):
+    eager would do it at every step, the graph never; undo what tracing wrote."""
+    changed = []
+    for name, m in model.named_modules():
+        for k, v in list(vars(m).items()):
+            if k in ("_parameters", "_buffers", "_modules"):
+                continue
+            old = before.get((id(m), k))
+            if old is None:
+                if isinstance(v, torch.Tensor) or (isinstance(v, (int, float)) and not isinstance(v, bool)):
+                    changed.append(f"{name}.{k}" if name else k)
+                    delattr(m, k)
+            elif old[2] is not v:
+                changed.append(old[1])
+                setattr(m, k, old[2])
+    if changed:
+        raise UnsupportedStep(
+            f"train_step sets module attributes that are not buffers ({', '.join(changed[:5])}): eager "
+            "changes them at every step, a traced step would not; register them as buffers "
+            "(register_buffer) or keep them out of the step"
+        )
+
+
+def _trace(train_step, model, optimizer, batch, params, buffers, *, trace_id: int) -> _Traced:
     counters = _Counters()
     state_slots: list[_StateSlot] = []
     for i, (_, p) in enumerate(params):
@@ -357,9 +576,12 @@ def _trace(train_step, model, optimizer, batch, params, buffers):
                 state_slots.append(_StateSlot(i, key))
             # non-tensor state (none for the supported optimizers) stays baked in
     param_tensors = [p for _, p in params]
-    group_param_index = [[next(i for i, q in enumerate(param_tensors) if q is p) for p in g["params"]] for g in optimizer.param_groups]
+    index_of = {id(p): i for i, p in enumerate(param_tensors)}
+    group_param_index = [[index_of[id(p)] for p in g["params"]] for g in optimizer.param_groups]
     n_p, n_b, n_s = len(params), len(buffers), len(state_slots)
     grad_params: list[int] = []
+    reassigned: list[int] = []
+    book = Book(trace_id)
 
     real_backward = torch.autograd.backward
 
@@ -408,24 +630,34 @@ def _trace(train_step, model, optimizer, batch, params, buffers):
                 fake_state[f_params[i]] = {k: v for k, v in st.items() if not isinstance(v, torch.Tensor)}
         for slot, t in zip(state_slots, f_states):
             fake_state[f_params[slot.param_index]][slot.key] = t
-        saved_groups = [(g["params"], g.get("capturable")) for g in optimizer.param_groups]
+        saved_groups = list(optimizer.param_groups)
         saved_state = optimizer.state
-        from collections import defaultdict
-
         optimizer.state = defaultdict(dict, fake_state)
-        for g, idx in zip(optimizer.param_groups, group_param_index):
-            g["params"] = [f_params[i] for i in idx]
-            if "capturable" in g:
-                g["capturable"] = True
+        for g, idx in enumerate(group_param_index):
+            group = dict(saved_groups[g])
+            group["params"] = [f_params[i] for i in idx]
+            if "capturable" in group:
+                group["capturable"] = True
+            optimizer.param_groups[g] = group
+        book.install(optimizer.param_groups)
+        written: list[str] = []
         try:
             with stateless._reparametrize_module(model, mapping, tie_weights=True):
                 loss = train_step(model, optimizer, *f_batch)
+                for i, (name, _) in enumerate(buffers):
+                    if _get_buffer(model, name) is not mapping[name]:
+                        reassigned.append(i)
+                new_buffers = [_get_buffer(model, buffers[i][0]) for i in reassigned]
         finally:
+            written = book.restore(optimizer.param_groups)
             optimizer.state = saved_state
-            for g, (ps, cap) in zip(optimizer.param_groups, saved_groups):
-                g["params"] = ps
-                if cap is not None:
-                    g["capturable"] = cap
+            optimizer.param_groups[:] = saved_groups
+        if written:
+            raise UnsupportedStep(
+                f"train_step changes optimizer hyperparameters ({', '.join(written)}), e.g. by calling "
+                "scheduler.step() inside it: call the scheduler outside the step (acopt reads the "
+                "hyperparameters at every call)"
+            )
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise UnsupportedStep("train_step must return the loss as a one-element tensor")
         grads = []
@@ -433,13 +665,14 @@ def _trace(train_step, model, optimizer, batch, params, buffers):
             if t.grad is not None:
                 grad_params.append(i)
                 grads.append(t.grad)
-        return (loss, *grads)
+        return (loss, *grads, *new_buffers)
 
     flat = [p.detach().requires_grad_(p.requires_grad) for p in param_tensors]
     flat += [b for _, b in buffers]
     flat += [optimizer.state[param_tensors[s.param_index]][s.key] for s in state_slots]
     flat += list(batch)
     hook = register_optimizer_step_pre_hook(other_optimizer_hook)
+    attributes = _snapshot_attributes(model)
     try:
         with contextlib.ExitStack() as stack:
             stack.enter_context(_patched(torch.autograd, "backward", backward))
@@ -447,6 +680,8 @@ def _trace(train_step, model, optimizer, batch, params, buffers):
             stack.enter_context(_patched(optimizer, "zero_grad", zero_grad))
             stack.enter_context(_patched(model, "zero_grad", model_zero_grad))
             stack.enter_context(_compiling_flag())
+            stack.enter_context(_plain_checkpoints())
+            stack.enter_context(_dynamo_disabled())
             gm = make_fx(flat_step, tracing_mode="fake", _allow_non_fake_inputs=True)(*flat)
     except UnsupportedStep:
         raise
@@ -454,6 +689,7 @@ def _trace(train_step, model, optimizer, batch, params, buffers):
         raise _explain(e) from e
     finally:
         hook.remove()
+        _check_attributes(model, attributes)
     if len(counters.backward_marks) != 2:
         raise UnsupportedStep("train_step never calls loss.backward()")
     if counters.steps != 1:
@@ -463,7 +699,100 @@ def _trace(train_step, model, optimizer, batch, params, buffers):
             "train_step never calls optimizer.zero_grad() (or model.zero_grad()): gradient "
             "accumulation across steps is not supported"
         )
-    return gm, state_slots, grad_params, counters.backward_marks
+    _tag_regions(gm, counters.backward_marks)
+    _refuse_unfaithful_nodes(gm)
+    _drop_noise(gm)
+    _functional_bernoulli(gm)
+    _outplace_forward_mutations(gm)
+    constants = _lift_constants(gm)
+    hyper_inputs = book.lift(gm, _hyper_placeholder_name)
+    return _Traced(gm, state_slots, grad_params, reassigned, constants, hyper_inputs, book)
+
+
+def _hyper_placeholder_name(key: InputKey) -> str:
+    tail = "" if key.index is None else f"_{key.index}"
+    return f"hyper__g{key.group}_{key.key}{tail}"
+
+
+@contextlib.contextmanager
+def _dynamo_disabled():
+    """``torch.compile``d submodules run their original code while tracing."""
+    try:
+        import torch._dynamo.config as dynamo_config
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    with dynamo_config.patch(disable=True):
+        yield
+
+
+def _refuse_unfaithful_nodes(gm: fx.GraphModule) -> None:
+    """Constructs that a traced step would run differently from eager."""
+    for n in gm.graph.nodes:
+        region = n.meta.get(REGION_KEY)
+        if is_random(n) and region == Region.BACKWARD:
+            raise UnsupportedStep(
+                f"a random op runs in the backward pass ({n.format_node()}): acopt replays random ops "
+                "only from the forward; move it to the forward or make it deterministic"
+            )
+        t = n.target
+        if isinstance(t, torch._ops.OpOverload) and t.namespace == "c10d":
+            raise UnsupportedStep(
+                f"train_step calls an in-place torch.distributed collective ({t}): its work is not waited "
+                "on in a traced step; use torch.distributed._functional_collectives (e.g. "
+                "funcol.all_reduce(grad, 'sum', group)) and copy the result back"
+            )
+        if n.op == "get_attr" and not isinstance(getattr(gm, n.target), torch.Tensor):
+            raise UnsupportedStep(
+                f"the traced step holds a {type(getattr(gm, n.target)).__name__} object ({n.target}), "
+                "e.g. a process group: not supported"
+            )
+
+
+def _lift_constants(gm: fx.GraphModule) -> list[tuple[str, torch.Tensor]]:
+    """Tensor constants (``get_attr``: ``torch.tensor([...])`` in model code) become
+    placeholders after the existing ones: like every input they live for the
+    whole step (memory model rule 7), and every stage handles them as inputs."""
+    graph = gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    anchor = placeholders[-1]
+    constants = []
+    for n in list(graph.nodes):
+        if n.op != "get_attr":
+            continue
+        value = getattr(gm, n.target)
+        with graph.inserting_after(anchor):
+            ph = graph.placeholder(f"const__{n.target}")
+        ph.meta = dict(n.meta)
+        ph.meta[REGION_KEY] = Region.FORWARD
+        n.replace_all_uses_with(ph)
+        graph.erase_node(n)
+        anchor = ph
+        constants.append((str(n.target), value))
+        delattr(gm, n.target)
+    if constants:
+        graph.lint()
+        gm.recompile()
+    return constants
+
+
+def _name_placeholders(gm: fx.GraphModule, specs: Sequence[InputSpec]) -> None:
+    """Name placeholders after what they hold: ``param__0_weight``, ``batch_0``...
+    (constants and hyperparameters are named when they are lifted)."""
+    prefix = {
+        Role.PARAMETER: "param__",
+        Role.BUFFER: "buffer__",
+        Role.OPTIMIZER_STATE: "state__",
+        Role.INPUT: "",
+    }
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, spec in zip(placeholders, specs, strict=True):
+        if spec.role not in prefix:
+            continue
+        key = spec.key.replace("[", "_").replace("]", "")
+        node._rename(prefix[spec.role] + "".join(c if c.isalnum() else "_" for c in key))
+        node.target = node.name
+    gm.recompile()
 
 
 def _explain(e: Exception) -> Exception:
@@ -502,6 +831,8 @@ def _is_pure(node: fx.Node) -> bool:
         return False
     if target is operator.getitem:
         return True
+    if is_collective(node):  # memory model rule 8: never removed as dead code
+        return False
     if isinstance(target, torch._ops.OpOverload):
         schema = target._schema
         if schema.is_mutable or torch.Tag.nondeterministic_seeded in target.tags:
