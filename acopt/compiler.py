@@ -5,21 +5,27 @@
 ...     loss = step(x, y)
 >>> print(step.report())                                                    # doctest: +SKIP
 
-A batch of a new shape (or dtype, or device) is traced and planned again with
-the same budget and solver; each shape's plan is kept, so alternating shapes
-cost one plan each. A budget given in bytes must fit every shape; a "70%"
-budget is relative to each shape's own peak.
+A batch of a new shape (or dtype, strides, or device) is traced and planned
+again with the same budget and solver; each shape's plan is kept, so
+alternating shapes cost one plan each. A budget given in bytes must fit every
+shape; a "70%" budget is relative to each shape's own peak. The same happens
+when a guard fails (``model.eval()``, a frozen parameter, a swapped module,
+``add_param_group``...: :mod:`acopt.guards`): the step is traced and planned
+again, with a warning that says why (once per reason).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from acopt.errors import GuardFailure
 from acopt.planning import Plan, plan
 from acopt.profiler import profile
 from acopt.records import Profile
@@ -69,6 +75,9 @@ class _Compiled:
     report: Report
 
 
+_KEEP_PER_SHAPE = 4
+
+
 class CompiledStep:
     """A training step that runs within a memory budget; call it like ``train_step``
     without the model and optimizer: ``loss = step(*batch)``."""
@@ -76,17 +85,44 @@ class CompiledStep:
     def __init__(self, train_step, model, optimizer, *, budget, solver: str, options: dict[str, Any], warmup: int, iterations: int):
         self._train_step = train_step
         self.model = model
-        self.optimizer = optimizer
+        self._optimizer = weakref.ref(optimizer)  # weak: a re-created optimizer is noticed
         self.budget = budget
         self.solver = solver
         self.options = options
         self._warmup = warmup
         self._iterations = iterations
-        self._compiled: dict[tuple, _Compiled] = {}
+        self._compiled: dict[tuple, list[_Compiled]] = {}
         self._last: _Compiled | None = None
+        self._warned: set[str] = set()
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        opt = self._optimizer()
+        if opt is None:
+            raise GuardFailure(
+                "the optimizer this step was compiled with no longer exists (acopt holds it weakly so "
+                "that a re-created optimizer is noticed): keep a reference to it, or call acopt.compile "
+                "again with the new one"
+            )
+        return opt
 
     def __call__(self, *batch: torch.Tensor) -> torch.Tensor:
-        compiled = self._compiled.get(_signature(batch)) or self._compile(batch)
+        self.optimizer  # noqa: B018 - a dropped optimizer is an error, never a retrace
+        failure = None
+        for compiled in reversed(self._compiled.get(_signature(batch), [])):
+            try:
+                inputs = compiled.step.flat_inputs(*batch)  # checks every guard
+            except GuardFailure as e:
+                failure = e
+                continue
+            self._last = compiled
+            return compiled.step.run(inputs)
+        if failure is not None:
+            reason = str(failure)
+            if reason not in self._warned:
+                self._warned.add(reason)
+                warnings.warn(f"acopt: tracing and planning the step again: {reason}", stacklevel=2)
+        compiled = self._compile(batch)
         self._last = compiled
         return compiled.step(*batch)
 
@@ -111,12 +147,14 @@ class CompiledStep:
             compile_time_s=time.perf_counter() - start,
         )
         compiled = _Compiled(traced, prof, chosen, step, report)
-        self._compiled[_signature(batch)] = compiled
+        entries = self._compiled.setdefault(_signature(batch), [])
+        entries.append(compiled)
+        del entries[:-_KEEP_PER_SHAPE]  # old variants (e.g. a swapped module's) are not kept forever
         return compiled
 
     def compile_for(self, *batch: torch.Tensor) -> CompiledStep:
         """Trace and plan for ``batch`` now (without running a step)."""
-        if _signature(batch) not in self._compiled:
+        if not self._compiled.get(_signature(batch)):
             self._last = self._compile(batch)
         return self
 
@@ -143,7 +181,9 @@ class CompiledStep:
 
 
 def _signature(batch) -> tuple:
-    return tuple((tuple(b.shape), b.dtype, str(b.device)) for b in batch)
+    return tuple(
+        (tuple(b.shape), b.dtype, str(b.device)) if isinstance(b, torch.Tensor) else type(b).__name__ for b in batch
+    )
 
 
 def compile(

@@ -193,8 +193,11 @@ class TracedStep:
         return [t.detach() if t.requires_grad else t for t in tensors] + hypers
 
     def __call__(self, *batch: torch.Tensor) -> torch.Tensor:
+        return self.run(self.flat_inputs(*batch))
+
+    def run(self, inputs: list[Any]) -> torch.Tensor:
+        """One step on inputs from :meth:`flat_inputs` (which checked the guards)."""
         b = self._b
-        inputs = self.flat_inputs(*batch)
         params = [p for _, p in b.params]
         for p in params:
             p.grad = None  # a step starts from no gradients (train_step zeroes them)
