@@ -745,6 +745,7 @@ def _refuse_unfaithful_nodes(gm: fx.GraphModule) -> None:
                 "on in a traced step; use torch.distributed._functional_collectives (e.g. "
                 "funcol.all_reduce(grad, 'sum', group)) and copy the result back"
             )
+    for n in gm.graph.nodes:
         if n.op == "get_attr" and not isinstance(getattr(gm, n.target), torch.Tensor):
             raise UnsupportedStep(
                 f"the traced step holds a {type(getattr(gm, n.target)).__name__} object ({n.target}), "

@@ -1,0 +1,106 @@
+"""Distributed constructs a traced step would silently get wrong are refused
+(issue "Faithful in real training loops", item 7); functional collectives are
+never removed as dead code. One gloo process on 127.0.0.1 (world size 1)."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import acopt
+
+
+@pytest.fixture(scope="module")
+def group():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, timeout=__import__("datetime").timedelta(seconds=30))
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+def _batch():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(6, 8, generator=g), torch.randint(0, 4, (6,), generator=g)
+
+
+def _state(model, optimizer):
+    return {k: v.clone() for k, v in model.state_dict().items()}, len(optimizer.state)
+
+
+def _step(model, optimizer, x, y):
+    optimizer.zero_grad()
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def test_ddp_model_is_refused(group):
+    model = nn.parallel.DistributedDataParallel(_net())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = _state(model, opt)
+    with pytest.raises(acopt.UnsupportedStep, match="DistributedDataParallel"):
+        acopt.trace(_step, model, opt, *_batch())
+    after = _state(model, opt)
+    assert all(torch.equal(before[0][k], after[0][k]) for k in before[0]) and before[1] == after[1] == 0
+
+
+def test_ddp_submodule_is_refused(group):
+    model = _net()
+    model[2] = nn.parallel.DistributedDataParallel(model[2])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(acopt.UnsupportedStep, match="submodule '2'.*DistributedDataParallel"):
+        acopt.trace(_step, model, opt, *_batch())
+
+
+def test_inplace_collective_is_refused(group):
+    def step(model, optimizer, x, y):
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        for p in model.parameters():
+            dist.all_reduce(p.grad)  # nothing would wait on its work in a traced step
+        optimizer.step()
+        return loss.detach()
+
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(acopt.UnsupportedStep, match="in-place torch.distributed collective"):
+        acopt.trace(step, model, opt, *_batch())
+    assert len(opt.state) == 0  # the momentum state made for tracing was taken back
+
+
+def test_functional_collective_is_never_dead_code(group):
+    import torch.distributed._functional_collectives as funcol
+
+    def step(model, optimizer, x, y):
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        funcol.all_reduce(loss.detach(), "sum", group)  # result unused: still a collective every rank joins
+        optimizer.step()
+        return loss.detach()
+
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    traced = acopt.trace(step, model, opt, *_batch())
+    targets = [str(n.target) for n in traced.graph.nodes]
+    assert any("all_reduce" in t for t in targets), targets
+    ref = _net()
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    assert torch.equal(traced(*_batch()), _step(ref, ref_opt, *_batch()))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref.parameters()))
