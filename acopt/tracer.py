@@ -415,7 +415,8 @@ def _init_optimizer_state(optimizer: torch.optim.Optimizer) -> list[torch.Tensor
 
 class _Counters:
     def __init__(self):
-        self.backward_marks: list[int] = []
+        self.backward_marks: list[tuple[int, int]] = []  # graph length at each backward's start and end
+        self.step_mark = -1
         self.steps = 0
         self.zero_grads = 0
 
@@ -589,11 +590,9 @@ def _trace(train_step, model, optimizer, batch, params, buffers, *, trace_id: in
     real_backward = torch.autograd.backward
 
     def backward(*args, **kwargs):
-        counters.backward_marks.append(_graph_len())
-        if len(counters.backward_marks) > 1:
-            raise UnsupportedStep("train_step calls backward more than once; acopt traces one backward per step")
-        real_backward(*args, **kwargs)
-        counters.backward_marks.append(_graph_len())
+        start = _graph_len()
+        real_backward(*args, **kwargs)  # several calls: gradient accumulation inside one step
+        counters.backward_marks.append((start, _graph_len()))
 
     real_step = optimizer.step
     real_zero_grad = optimizer.zero_grad
@@ -601,6 +600,7 @@ def _trace(train_step, model, optimizer, batch, params, buffers, *, trace_id: in
 
     def step(*args, **kwargs):
         counters.steps += 1
+        counters.step_mark = _graph_len()
         if counters.steps > 1:
             raise UnsupportedStep("train_step calls optimizer.step() more than once")
         return real_step(*args, **kwargs)
@@ -693,8 +693,10 @@ def _trace(train_step, model, optimizer, batch, params, buffers, *, trace_id: in
     finally:
         hook.remove()
         _check_attributes(model, attributes)
-    if len(counters.backward_marks) != 2:
+    if not counters.backward_marks:
         raise UnsupportedStep("train_step never calls loss.backward()")
+    if counters.steps == 1 and counters.backward_marks[-1][1] > counters.step_mark:
+        raise UnsupportedStep("train_step calls backward() after optimizer.step(); acopt traces one step ending in the optimizer")
     if counters.steps != 1:
         raise UnsupportedStep("train_step never calls optimizer.step()")
     if counters.zero_grads == 0:
@@ -815,14 +817,17 @@ def _explain(e: Exception) -> Exception:
     return UnsupportedStep(f"could not trace the training step: {text.splitlines()[0]}")
 
 
-def _tag_regions(gm: fx.GraphModule, marks: list[int]) -> None:
-    bw_start, bw_end = marks
+def _tag_regions(gm: fx.GraphModule, marks: list[tuple[int, int]]) -> None:
+    """Nodes made inside a ``backward()`` call are backward; after the last one,
+    optimizer; the rest forward. Several backward calls (micro-batches) give
+    forward and backward regions in turn (docs/memory-model.md, "Terms")."""
+    end = marks[-1][1]
     for i, node in enumerate(gm.graph.nodes):
         if node.op == "placeholder":
             region = Region.FORWARD
-        elif node.op == "output" or i >= bw_end:
+        elif node.op == "output" or i >= end:
             region = Region.OPTIMIZER
-        elif i >= bw_start:
+        elif any(a <= i < b for a, b in marks):
             region = Region.BACKWARD
         else:
             region = Region.FORWARD

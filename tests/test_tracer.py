@@ -195,7 +195,7 @@ def _untouched(model, optimizer, fn):
         ("data-dependent", "data-dependent"),
         ("unknown-optimizer", "not supported"),
         ("no-zero-grad", "zero_grad"),
-        ("two-backwards", "backward more than once"),
+        ("backward-after-step", "backward\\(\\) after optimizer.step"),
         ("no-step", "never calls optimizer.step"),
         ("fused", "fused=True"),
     ],
@@ -235,14 +235,14 @@ def test_unsupported_constructs_raise_clear_errors(case, message):
             optimizer.step()
             return loss
 
-    elif case == "two-backwards":
+    elif case == "backward-after-step":
 
         def step(model, optimizer, x, y):
             optimizer.zero_grad()
             F.cross_entropy(model(x), y).backward()
+            optimizer.step()
             loss = F.cross_entropy(model(x), y)
             loss.backward()
-            optimizer.step()
             return loss
 
     elif case == "no-step":
