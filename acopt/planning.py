@@ -44,7 +44,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Protocol
 
-from acopt.records import Profile, Region
+from acopt.records import Profile, Region, from_plain
 from acopt.schedule import InvalidPlan
 from acopt.simulator import Simulation, memory_model, peak_bytes, peak_location, simulate
 from acopt.simulator import _facts as _profile_facts
@@ -88,8 +88,10 @@ class Plan:
     (:func:`acopt.simulate`); ``solve_time_s`` is the planner's wall time.
     ``bound`` is a proven lower bound on the recompute time at this budget and
     ``gap`` = (recompute_time_s - bound) / recompute_time_s (exact solvers).
-    ``profile_id`` is :func:`profile_fingerprint` of the profile planned for;
-    ``options`` the planner options used, as (name, value) pairs.
+    ``profile_id`` is :func:`profile_fingerprint` of the profile planned for,
+    ``graph_fingerprint`` its ``meta.graph_fingerprint`` (the traced graph's,
+    "" for hand-built profiles): :func:`acopt.rewrite` and :func:`acopt.simulate`
+    refuse the plan for any other profile or graph. ``options`` the planner options used, as (name, value) pairs.
     """
 
     recompute: frozenset[str]
@@ -104,6 +106,7 @@ class Plan:
     stats: SolverStats | None = None
     batch_size: int = 0
     profile_id: str = ""
+    graph_fingerprint: str = ""
     options: tuple[tuple[str, OptionValue], ...] = ()
 
     def __post_init__(self) -> None:
@@ -139,55 +142,23 @@ class Plan:
             },
             "batch_size": self.batch_size,
             "profile_id": self.profile_id,
+            "graph_fingerprint": self.graph_fingerprint,
             "options": {k: v for k, v in self.options},
         }  # fmt: skip
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Plan:
+        """Read :meth:`to_dict`'s output, checking every field's type
+        (:func:`acopt.records.from_plain`); ``options`` and ``graph_fingerprint``
+        may be missing (older files)."""
         if not isinstance(data, Mapping) or data.get("format") != "acopt.Plan":
             raise ValueError("not an acopt plan (missing 'format': 'acopt.Plan')")
         if data.get("version") != PLAN_FORMAT_VERSION:
             raise ValueError(f"unsupported plan format version {data.get('version')!r}")
+        body = {k: v for k, v in data.items() if k not in ("format", "version")}
         try:
-            names = _get(data, "recompute", list)
-            if not all(isinstance(n, str) for n in names):
-                raise ValueError("'recompute' must be a list of activation names")
-            stats = _get(data, "stats", (dict, type(None)))
-            if stats is not None:
-                unknown = set(stats) - {f.name for f in dataclasses.fields(SolverStats)}
-                if unknown:
-                    raise ValueError(f"unknown stats field(s) {sorted(unknown)}")
-                notes = stats.get("notes", [])
-                if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
-                    raise ValueError("'stats.notes' must be a list of strings")
-                stats = SolverStats(
-                    variables=_get(stats, "variables", (int, type(None)), default=None),
-                    constraints=_get(stats, "constraints", (int, type(None)), default=None),
-                    objective=_get(stats, "objective", (float, int, type(None)), default=None),
-                    iterations=_get(stats, "iterations", (int, type(None)), default=None),
-                    build_time_s=_get(stats, "build_time_s", (float, int, type(None)), default=None),
-                    notes=tuple(notes),
-                )
-            options = _get(data, "options", dict, default={})
-            for k, v in options.items():
-                if not isinstance(v, (bool, int, float, str, type(None))):
-                    raise ValueError(f"option {k!r} has a non-scalar value {v!r}")
-            return cls(
-                recompute=frozenset(names),
-                solver=_get(data, "solver", str),
-                status=PlanStatus(_get(data, "status", str)),
-                budget_bytes=_get(data, "budget_bytes", int),
-                predicted_peak_bytes=_get(data, "predicted_peak_bytes", int),
-                recompute_time_s=_get(data, "recompute_time_s", (float, int)),
-                solve_time_s=_get(data, "solve_time_s", (float, int)),
-                bound=_get(data, "bound", (float, int, type(None))),
-                gap=_get(data, "gap", (float, int, type(None))),
-                stats=stats,
-                batch_size=_get(data, "batch_size", int),
-                profile_id=_get(data, "profile_id", str),
-                options=tuple(options.items()),
-            )
-        except (KeyError, TypeError, ValueError) as e:
+            return from_plain(cls, body, optional={cls: {"options", "graph_fingerprint"}})
+        except ValueError as e:
             raise ValueError(f"corrupt acopt plan: {e}") from e
 
     def to_json(self, path: str | Path) -> None:
@@ -200,23 +171,6 @@ class Plan:
         except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
             raise ValueError(f"corrupt acopt plan {path}: {e}") from e
         return cls.from_dict(data)
-
-
-_MISSING = object()
-
-
-def _get(d: Mapping[str, Any], key: str, kinds, *, default: Any = _MISSING) -> Any:
-    if key not in d:
-        if default is _MISSING:
-            raise ValueError(f"missing field {key!r}")
-        return default
-    value = d[key]
-    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
-    if isinstance(value, bool) and bool not in kinds:
-        raise ValueError(f"field {key!r} must be {' or '.join(k.__name__ for k in kinds)}, not {value!r}")
-    if not isinstance(value, kinds):
-        raise ValueError(f"field {key!r} must be {' or '.join(k.__name__ for k in kinds)}, not {value!r}")
-    return value
 
 
 def profile_fingerprint(profile: Profile) -> str:
@@ -648,6 +602,7 @@ def assemble_plan(
         stats=stats,
         batch_size=profile.meta.batch_size,
         profile_id=profile_fingerprint(profile),
+        graph_fingerprint=profile.meta.graph_fingerprint,
         options=_plain_options(options),
     )
     if check:
@@ -669,6 +624,10 @@ def check_plan(profile: Profile, result: Any, *, budget_bytes: int | None = None
     fingerprint = profile_fingerprint(profile)
     if result.profile_id != fingerprint:
         raise PlanCheckError(f"{who} returned a plan for profile {result.profile_id!r}, not {fingerprint!r}")
+    if result.graph_fingerprint and result.graph_fingerprint != profile.meta.graph_fingerprint:
+        raise PlanCheckError(
+            f"{who} returned a plan for graph {result.graph_fingerprint!r}, not {profile.meta.graph_fingerprint!r}"
+        )
     if budget_bytes is not None and result.budget_bytes != budget_bytes:
         raise PlanCheckError(f"{who} planned for budget {result.budget_bytes}, not {budget_bytes}")
     try:

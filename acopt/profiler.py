@@ -41,7 +41,7 @@ from acopt.records import (
     StorageRecord,
 )
 from acopt.schedule import InvalidPlan, MemoryModel
-from acopt.tracer import REGION_KEY, TracedStep
+from acopt.tracer import TracedStep
 
 #: Ops replayed without their in-place effect on running statistics.
 BATCH_NORM_OPS = frozenset(
@@ -483,28 +483,26 @@ def _build_profile(traced, interp, runs, temps, *, fake, device, model_name, ite
     storage_of_node = {n.name: last.node_storages[i] for i, n in enumerate(nodes)}
     forward_mutated: set[str] = set()
     records = []
+    from acopt.fingerprint import graph_fingerprint, node_facts  # imports this module
+
     for i, n in enumerate(nodes):
-        region: Region = n.meta[REGION_KEY]
-        mutates = tuple(dict.fromkeys(s for a in mutated_args(n) for s in storage_of_node[a.name]))
-        op = _target_name(n)
-        replay = DROP_RUNNING_STATS if (op in BATCH_NORM_OPS and mutates) else ""
-        recomputable = n.op == "call_function" and (not mutates or bool(replay))
-        if region != Region.OPTIMIZER:
+        facts = node_facts(n)  # what the graph alone says; the rewriter re-derives it
+        mutates = tuple(dict.fromkeys(s for a in facts.mutated for s in storage_of_node[a.name]))
+        if facts.region != Region.OPTIMIZER:
             forward_mutated.update(mutates)
-        inputs = tuple(dict.fromkeys(a.name for a in n.all_input_nodes))
         records.append(
             NodeRecord(
                 name=n.name,
-                op=op,
-                region=region,
-                inputs=inputs,
+                op=facts.op,
+                region=facts.region,
+                inputs=facts.inputs,
                 storages=last.node_storages[i],
                 allocates=last.node_allocates[i],
                 time_s=times[i],
-                random=is_random(n),
+                random=facts.random,
                 mutates=mutates,
-                recomputable=recomputable,
-                replay=replay,
+                recomputable=facts.recomputable,
+                replay=facts.replay,
                 temp_bytes=temps[i],
             )
         )
@@ -526,6 +524,7 @@ def _build_profile(traced, interp, runs, temps, *, fake, device, model_name, ite
             else ""
         ),
         iterations=0 if fake else iterations,
+        graph_fingerprint=graph_fingerprint(traced.graph_module),
     )
     timeline = tuple(b + t for b, t in zip(last.timeline, temps))
     from acopt.rng import state_bytes

@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import gzip
 import json
-from collections.abc import Mapping
+import types
+import typing
+from collections.abc import Collection, Mapping
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -120,7 +123,12 @@ class ActivationRecord:
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class ProfileMeta:
-    """Where a profile came from."""
+    """Where a profile came from.
+
+    ``graph_fingerprint`` is :func:`acopt.fingerprint.graph_fingerprint` of the
+    traced graph profiled ("" for hand-built profiles and older files): the
+    rewriter refuses a profile whose fingerprint is not its graph's.
+    """
 
     model: str = ""
     batch_size: int = 0
@@ -130,6 +138,7 @@ class ProfileMeta:
     time_estimator: str = ""
     iterations: int = 0
     notes: str = ""
+    graph_fingerprint: str = ""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)  # no slots: cached views need __dict__
@@ -188,26 +197,15 @@ class Profile:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Profile:
-        if data.get("format") != "acopt.Profile":
+        """Read :meth:`to_dict`'s output, checking every field's type (:func:`from_plain`)."""
+        if not isinstance(data, Mapping) or data.get("format") != "acopt.Profile":
             raise ValueError("not an acopt profile (missing 'format': 'acopt.Profile')")
         if data.get("version") != FORMAT_VERSION:
             raise ValueError(f"unsupported profile format version {data.get('version')!r}")
+        body = {k: v for k, v in data.items() if k not in ("format", "version")}
         try:
-            return cls(
-                nodes=tuple(_node_from(d) for d in data["nodes"]),
-                storages=tuple(
-                    StorageRecord(**{**d, "role": Role(d["role"])}) for d in data["storages"]
-                ),
-                activations=tuple(
-                    ActivationRecord(**{**d, "sources": tuple(d["sources"])})
-                    for d in data["activations"]
-                ),
-                timeline=tuple(data["timeline"]),
-                peak_bytes=data["peak_bytes"],
-                rng_state_bytes=data.get("rng_state_bytes", 0),
-                meta=ProfileMeta(**data["meta"]),
-            )
-        except (KeyError, TypeError, ValueError) as e:
+            return from_plain(cls, body, optional={cls: {"rng_state_bytes"}})
+        except ValueError as e:
             raise ValueError(f"corrupt acopt profile: {e}") from e
 
     def to_json(self, path: str | Path) -> None:
@@ -232,14 +230,6 @@ class Profile:
         return cls.from_dict(data)
 
 
-def _node_from(d: Mapping[str, Any]) -> NodeRecord:
-    d = dict(d)
-    d["region"] = Region(d["region"])
-    for k in ("inputs", "storages", "allocates", "mutates"):
-        d[k] = tuple(d[k])
-    return NodeRecord(**d)
-
-
 def _to_plain(obj: Any) -> Any:
     """Dataclasses -> dicts, enums -> values, tuples -> lists (cached views skipped)."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
@@ -249,3 +239,151 @@ def _to_plain(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_to_plain(x) for x in obj]
     return obj
+
+
+# ---- reading plain data back, checked against the dataclass field types ---------------
+class FieldError(ValueError):
+    """A field of a serialised artifact is missing, unknown or of the wrong type;
+    the message starts with the field's path (``nodes[3].time_s: ...``)."""
+
+
+def from_plain(cls: type, data: Any, *, optional: Mapping[type, Collection[str]] | None = None) -> Any:
+    """Build dataclass ``cls`` from JSON-like ``data``, checked against its field types.
+
+    The inverse of :func:`_to_plain`, driven by ``typing.get_type_hints``: a
+    dataclass is an object with exactly its fields; ``tuple[X, ...]`` and
+    ``frozenset[X]`` are lists (a ``tuple[tuple[K, V], ...]`` may also be an
+    object: its items); enums are their values; ``int`` is an integer and
+    ``float`` a number, never a bool; ``X | None`` may be null. A field with a
+    default may be missing, unless its class is in ``optional`` and the field
+    is not named there. Values are kept as given (no int -> float), so a JSON
+    round trip is exact. Raises :class:`FieldError` naming the field.
+    """
+    return _parse(data, cls, "", optional or {})
+
+
+def _parse(value: Any, hint: Any, path: str, optional: Mapping[type, Collection[str]]) -> Any:
+    scalar = _SCALARS.get(hint) if isinstance(hint, type) else None
+    if scalar is not None:  # the common case first
+        if isinstance(value, scalar) and (hint is bool or not isinstance(value, bool)):
+            return value
+        raise _wrong(path, _expected(hint), value)
+    if hint is Any:
+        return value
+    if hint is None or hint is type(None):
+        if value is None:
+            return None
+        raise _wrong(path, "null", value)
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1:  # X | None: X's own error says more
+            return _parse(value, rest[0], path, optional)
+        for a in rest:
+            try:
+                return _parse(value, a, path, optional)
+            except FieldError:
+                continue
+        raise _wrong(path, " or ".join(_expected(a) for a in args), value)
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if (
+            isinstance(value, Mapping)
+            and len(args) == 2 and args[1] is Ellipsis
+            and typing.get_origin(args[0]) is tuple and len(typing.get_args(args[0])) == 2
+        ):  # fmt: skip
+            key_t, val_t = typing.get_args(args[0])
+            return tuple(
+                (_parse(k, key_t, f"{path}[{k!r}]", optional), _parse(v, val_t, f"{path}[{k!r}]", optional))
+                for k, v in value.items()
+            )
+        if not isinstance(value, (list, tuple)):
+            raise _wrong(path, "a list", value)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_parse(x, args[0], f"{path}[{i}]", optional) for i, x in enumerate(value))
+        if len(value) != len(args):
+            raise FieldError(f"{path or 'value'}: expected a list of {len(args)} items, got {len(value)}")
+        return tuple(_parse(x, a, f"{path}[{i}]", optional) for i, (x, a) in enumerate(zip(value, args)))
+    if origin is frozenset:
+        if not isinstance(value, (list, tuple, set, frozenset)):
+            raise _wrong(path, "a list", value)
+        (item,) = typing.get_args(hint) or (Any,)
+        return frozenset(_parse(x, item, f"{path}[{i}]", optional) for i, x in enumerate(value))
+    if origin is not None:
+        raise TypeError(f"from_plain cannot read type {hint!r} (at {path or 'top level'})")
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        if isinstance(value, hint):
+            return value
+        try:
+            return hint(value)
+        except (ValueError, TypeError):
+            raise _wrong(path, _expected(hint), value) from None
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return _parse_dataclass(value, hint, path, optional)
+    raise TypeError(f"from_plain cannot read type {hint!r} (at {path or 'top level'})")
+
+
+_SCALARS: dict[type, type | tuple[type, ...]] = {str: str, bool: bool, int: int, float: (int, float)}
+
+
+def _parse_dataclass(value: Any, cls: type, path: str, optional: Mapping[type, Collection[str]]) -> Any:
+    if not isinstance(value, Mapping):
+        raise _wrong(path, _expected(cls), value)
+    fields, hints = _fields_and_hints(cls)
+    unknown = [k for k in value if k not in fields]
+    if unknown:
+        where = f"{path}: " if path else ""
+        raise FieldError(
+            f"{where}unknown field{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
+            f"for {cls.__name__} (fields: {', '.join(fields)})"
+        )
+    may_miss = optional.get(cls)
+    kwargs = {}
+    for name, f in fields.items():
+        sub = f"{path}.{name}" if path else name
+        if name not in value:
+            has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+            if not has_default or (may_miss is not None and name not in may_miss):
+                raise FieldError(f"{sub}: missing")
+            continue
+        kwargs[name] = _parse(value[name], hints[name], sub, optional)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise FieldError(f"{path or cls.__name__}: {e}") from e
+
+
+@functools.cache
+def _fields_and_hints(cls: type) -> tuple[dict[str, dataclasses.Field], dict[str, Any]]:
+    return {f.name: f for f in dataclasses.fields(cls) if f.init}, typing.get_type_hints(cls)
+
+
+def _expected(hint: Any) -> str:
+    if hint is None or hint is type(None):
+        return "null"
+    if hint is bool:
+        return "a boolean"
+    if hint is int:
+        return "an integer"
+    if hint is float:
+        return "a number"
+    if hint is str:
+        return "a string"
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return "one of " + ", ".join(repr(m.value) for m in hint)
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return f"an object ({hint.__name__})"
+    if typing.get_origin(hint) in (tuple, frozenset):
+        return "a list"
+    return str(hint).replace("typing.", "")
+
+
+def _wrong(path: str, expected: str, value: Any) -> FieldError:
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    got = "null" if value is None else f"{type(value).__name__} {text}"
+    return FieldError(f"{path or 'value'}: expected {expected}, got {got}")

@@ -28,8 +28,10 @@ import torch
 import torch.fx as fx
 
 from acopt import rng
+from acopt.fingerprint import ArtifactMismatch, check_profile_facts, graph_fingerprint
 from acopt.records import Profile, Region
 from acopt.schedule import InvalidPlan, MemoryModel, Schedule
+from acopt.simulator import as_recompute
 from acopt.tracer import REGION_KEY, TracedStep
 
 BLOCK_KEY = "acopt_block"
@@ -45,13 +47,33 @@ def rewrite(traced: TracedStep, plan, *, profile: Profile | None = None) -> Trac
     ``plan`` is a :class:`~acopt.planning.Plan` or an iterable of activation
     names. ``profile`` is the profile the plan was made from; without it, a
     fake-tensor profile of ``traced`` gives the graph's storages (exact, cheap).
+
+    Artifacts are checked, not trusted (:mod:`acopt.fingerprint`): a profile
+    whose graph fingerprint is not ``traced``'s (another step, batch size or
+    dtype), or whose node records disagree with the graph (random, in-place,
+    recomputable, ...), and a Plan made for another profile or graph raise
+    :class:`~acopt.fingerprint.ArtifactMismatch` (an ``InvalidPlan``); names that
+    are not recomputable activations of the profile raise ``InvalidPlan``.
     """
     start = time.perf_counter()
-    recompute = frozenset(getattr(plan, "recompute", plan))
+    recompute = frozenset(as_recompute(plan))
+    fingerprint = graph_fingerprint(traced.graph_module)
+    _check_plan_graph(plan, fingerprint, traced)
     if profile is None:
         profile = structure_profile(traced)
-    _check_matches(traced, profile)
+        if not getattr(plan, "graph_fingerprint", ""):  # else checked above: the graph is the plan's
+            _check_plan_profile(plan, profile)
+    else:
+        _check_matches(traced, profile, fingerprint)
+        _check_plan_profile(plan, profile)
     model = MemoryModel(profile)
+    unknown = sorted(recompute - set(model.activation_storages))
+    if unknown:
+        shown = ", ".join(map(repr, unknown[:5])) + (" ..." if len(unknown) > 5 else "")
+        raise InvalidPlan(
+            f"plan names {len(unknown)} name(s) that are not activations of this profile "
+            f"(so not recomputable): {shown}"
+        )
     try:
         schedule = model.schedule(recompute)
     except InvalidPlan as e:
@@ -78,13 +100,55 @@ def structure_profile(traced: TracedStep) -> Profile:
     return _profile(traced, *batch, fake=True)
 
 
-def _check_matches(traced: TracedStep, profile: Profile) -> None:
+def _check_matches(traced: TracedStep, profile: Profile, fingerprint: str) -> None:
+    """The profile is this step's: same node names, same graph fingerprint (when
+    it has one), node records that agree with the graph."""
     names = [n.name for n in traced.graph.nodes]
     if names != [n.name for n in profile.nodes]:
-        raise InvalidPlan(
+        raise ArtifactMismatch(
             "the profile was not made from this traced step (node names differ); "
             "profile the step you rewrite"
         )
+    theirs = profile.meta.graph_fingerprint
+    if theirs and theirs != fingerprint:
+        raise ArtifactMismatch(
+            f"the profile was not made from this traced step: its graph fingerprint {theirs!r} is not "
+            f"this step's {fingerprint!r} (shapes, dtypes or ops differ{_batch_note(profile.meta.batch_size, traced)}); "
+            "profile this step again"
+        )
+    check_profile_facts(traced.graph, profile)
+
+
+def _check_plan_graph(plan, fingerprint: str, traced: TracedStep) -> None:
+    theirs = getattr(plan, "graph_fingerprint", "")
+    if theirs and theirs != fingerprint:
+        raise ArtifactMismatch(
+            f"the plan was made for another traced step: its graph fingerprint {theirs!r} is not "
+            f"this step's {fingerprint!r}{_batch_note(getattr(plan, 'batch_size', 0), traced, lead='; ')}; "
+            "profile and plan this step again"
+        )
+
+
+def _check_plan_profile(plan, profile: Profile) -> None:
+    theirs = getattr(plan, "profile_id", "")
+    if not theirs:
+        return  # plain names, or a plan of unknown origin: only its names are checked
+    from acopt.planning import profile_fingerprint
+
+    ours = profile_fingerprint(profile)
+    if theirs != ours:
+        raise ArtifactMismatch(
+            f"the plan was made for another profile (profile_id {theirs!r}, this profile's is {ours!r}"
+            f"{_batch_note(getattr(plan, 'batch_size', 0), profile.meta.batch_size, lead=', ')}); "
+            "plan again for this profile, or pass the profile the plan was made from (profile=...)"
+        )
+
+
+def _batch_note(theirs: int, ours, *, lead: str = ": ") -> str:
+    ours = ours if isinstance(ours, int) else ours.batch_size
+    if theirs and ours and theirs != ours:
+        return f"{lead}it was made at batch size {theirs}, this one is at batch size {ours}"
+    return ""
 
 
 def _emit(src: fx.GraphModule, profile: Profile, schedule: Schedule) -> fx.GraphModule:
