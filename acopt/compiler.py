@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.utils import _pytree as pytree
 
 from acopt.errors import GuardFailure
 from acopt.planning import Plan, plan
@@ -134,7 +135,7 @@ class CompiledStep:
         step = rewrite(traced, chosen, profile=prof)
         sim = simulate(prof, chosen)
         report = Report(
-            batch_shapes=tuple(tuple(b.shape) for b in batch),
+            batch_shapes=tuple(tuple(b.shape) for b in pytree.tree_leaves(batch) if isinstance(b, torch.Tensor)),
             peak_before_bytes=prof.peak_bytes,
             peak_after_bytes=sim.peak_bytes,
             budget_bytes=chosen.budget_bytes,
@@ -181,8 +182,11 @@ class CompiledStep:
 
 
 def _signature(batch) -> tuple:
-    return tuple(
-        (tuple(b.shape), b.dtype, str(b.device)) if isinstance(b, torch.Tensor) else type(b).__name__ for b in batch
+    """Which traced variants may serve ``batch``: its structure, and each leaf's
+    shape, dtype, device and strides (tensors) or value (constants)."""
+    leaves, spec = pytree.tree_flatten(batch)
+    return (str(spec),) + tuple(
+        (tuple(b.shape), b.dtype, str(b.device), b.stride()) if isinstance(b, torch.Tensor) else repr(b) for b in leaves
     )
 
 

@@ -49,7 +49,7 @@ class NodeFacts:
 def node_facts(node: fx.Node) -> NodeFacts:
     """The profiler's per-node facts that need no run: from the node and its schema."""
     from acopt.profiler import BATCH_NORM_OPS, DROP_RUNNING_STATS, _target_name, is_random, mutated_args
-    from acopt.tracer import REGION_KEY
+    from acopt.tracer import REGION_KEY, is_collective
 
     op = _target_name(node)
     mutated = tuple(dict.fromkeys(mutated_args(node)))
@@ -61,7 +61,8 @@ def node_facts(node: fx.Node) -> NodeFacts:
         random=is_random(node),
         mutated=mutated,
         replay=replay,
-        recomputable=node.op == "call_function" and (not mutated or bool(replay)),
+        # memory model rule 8: a collective is never replayed (every rank issues the same ones)
+        recomputable=node.op == "call_function" and (not mutated or bool(replay)) and not is_collective(node),
     )
 
 

@@ -94,9 +94,8 @@ def structure_profile(traced: TracedStep) -> Profile:
     """A fake-tensor profile of ``traced``: exact storages, estimated times."""
     from acopt.profiler import profile as _profile
 
-    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
-        batch = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype, device in traced._batch_meta]
-    del mode
+    with torch._subclasses.fake_tensor.FakeTensorMode():
+        batch = traced.example_batch()
     return _profile(traced, *batch, fake=True)
 
 

@@ -46,9 +46,10 @@ import torch.fx as fx
 from torch.fx.experimental.proxy_tensor import get_proxy_mode, make_fx
 from torch.nn.utils import stateless
 from torch.optim.optimizer import _get_scalar_dtype, register_optimizer_step_pre_hook
+from torch.utils import _pytree as pytree
 
 from acopt.errors import GuardFailure, UnsupportedStep
-from acopt.guards import Guards
+from acopt.guards import Guards, tensor_meta
 from acopt.hyperparams import Book, InputKey, literal_values
 from acopt.records import Region, Role
 
@@ -73,6 +74,61 @@ class _StateSlot:
     key: str
 
 
+_CONSTANT_LEAVES = (int, float, bool, str, type(None), torch.dtype, torch.device)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _BatchLayout:
+    """The batch as users pass it: any nest of tuples, lists and dicts (a
+    transformers batch ``{"input_ids": ..., "labels": ...}``). Tensor leaves are
+    graph inputs; other leaves (ints, strings, None) were constants of the trace
+    and are guarded by equality."""
+
+    spec: pytree.TreeSpec
+    constants: tuple[Any, ...]  # per leaf: the traced constant, or _TENSOR
+    names: tuple[str, ...]  # per tensor leaf: "batch[0]['input_ids']"
+
+    @classmethod
+    def of(cls, batch: tuple) -> _BatchLayout:
+        paths, spec = pytree.tree_flatten_with_path(batch)
+        constants, names = [], []
+        for path, leaf in paths:
+            where = "batch" + pytree.keystr(path)
+            if isinstance(leaf, torch.Tensor):
+                constants.append(_TENSOR)
+                names.append(where)
+            elif isinstance(leaf, _CONSTANT_LEAVES):
+                constants.append(leaf)
+            else:
+                raise UnsupportedStep(
+                    f"{where} is a {type(leaf).__name__}; a batch holds tensors and plain constants "
+                    "(int, float, bool, str, None) in tuples, lists and dicts"
+                )
+        return cls(spec, tuple(constants), tuple(names))
+
+    def tensors(self, batch: tuple) -> list[torch.Tensor]:
+        """The tensor leaves of ``batch``, after checking its structure and constants."""
+        leaves, spec = pytree.tree_flatten(batch)
+        if spec != self.spec:
+            raise GuardFailure(f"the batch's structure changed since tracing ({spec} vs {self.spec}); trace again")
+        out = []
+        for leaf, const, in zip(leaves, self.constants):
+            if const is _TENSOR:
+                if not isinstance(leaf, torch.Tensor):
+                    raise GuardFailure(f"a batch leaf that was a tensor is now a {type(leaf).__name__}")
+                out.append(leaf)
+            elif isinstance(leaf, torch.Tensor) or type(leaf) is not type(const) or leaf != const:
+                raise GuardFailure(f"a constant of the batch is now {leaf!r} ({const!r} when traced); trace again")
+        return out
+
+    def rebuild(self, tensors: Sequence[Any]) -> tuple:
+        it = iter(tensors)
+        return pytree.tree_unflatten([next(it) if c is _TENSOR else c for c in self.constants], self.spec)
+
+
+_TENSOR = object()
+
+
 @dataclasses.dataclass(slots=True, kw_only=True)
 class _Binding:
     """How a step graph is bound to the live model and optimizer (shared by a
@@ -83,7 +139,10 @@ class _Binding:
     params: list[tuple[str, torch.nn.Parameter]]
     buffers: list[tuple[str, torch.Tensor]]
     state_slots: list[_StateSlot]
-    batch_meta: list[tuple[torch.Size, torch.dtype, torch.device]]
+    batch_meta: list[tuple]  # per tensor leaf of the batch: shape, dtype, device, strides, requires_grad
+    batch: _BatchLayout
+    out_spec: pytree.TreeSpec  # what train_step returned: its tensor leaves are the graph's first outputs
+    n_out: int
     constants: list[tuple[str, torch.Tensor]]
     hyper_inputs: list[InputKey]
     read_hypers: Callable[[Sequence[dict]], list[Any]]
@@ -118,7 +177,7 @@ class TracedStep:
                 InputSpec(role=Role.OPTIMIZER_STATE, key=f"{names[s.param_index]}/{s.key}")
                 for s in binding.state_slots
             ),
-            *(InputSpec(role=Role.INPUT, key=f"batch[{i}]") for i in range(len(binding.batch_meta))),
+            *(InputSpec(role=Role.INPUT, key=name) for name in binding.batch.names),
             *(InputSpec(role=Role.CONSTANT, key=f"constant[{n}]") for n, _ in binding.constants),
             *(InputSpec(role=Role.HYPERPARAMETER, key=str(k)) for k in binding.hyper_inputs),
         )
@@ -146,9 +205,14 @@ class TracedStep:
     def guards(self) -> Guards:
         return self._b.guards
 
-    @property
-    def _batch_meta(self) -> list[tuple[torch.Size, torch.dtype, torch.device]]:
-        return self._b.batch_meta
+    def example_batch(self) -> tuple:
+        """A batch of the traced structure, shapes, dtypes, devices and strides
+        (uninitialised tensors; under ``FakeTensorMode``, fake ones)."""
+        tensors = [
+            torch.empty_strided(shape, stride, dtype=dtype, device=device, requires_grad=rg)
+            for shape, dtype, device, stride, rg in self._b.batch_meta
+        ]
+        return self._b.batch.rebuild(tensors)
 
     def region(self, node: fx.Node) -> Region:
         return node.meta[REGION_KEY]
@@ -168,11 +232,7 @@ class TracedStep:
         after every guard passed. Tensors that require grad are passed detached."""
         b = self._b
         optimizer = self.optimizer
-        if len(batch) != len(b.batch_meta):
-            raise GuardFailure(f"traced with {len(b.batch_meta)} batch tensors, got {len(batch)}")
-        for i, t in enumerate(batch):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"batch[{i}] must be a tensor, got {type(t).__name__}")
+        batch_tensors = b.batch.tensors(batch)
         b.guards.check_program(optimizer)
         params = [p for _, p in b.params]
         state = optimizer.state
@@ -187,15 +247,15 @@ class TracedStep:
                     "was the optimizer's state cleared since tracing? Trace again."
                 ) from None
         buffers = [_get_buffer(b.model, name) for name, _ in b.buffers]
-        tensors = [*params, *buffers, *states, *batch, *(t for _, t in b.constants)]
+        tensors = [*params, *buffers, *states, *batch_tensors, *(t for _, t in b.constants)]
         b.guards.check_inputs(tensors)
         hypers = b.read_hypers(optimizer.param_groups)
         return [t.detach() if t.requires_grad else t for t in tensors] + hypers
 
-    def __call__(self, *batch: torch.Tensor) -> torch.Tensor:
+    def __call__(self, *batch: Any) -> Any:
         return self.run(self.flat_inputs(*batch))
 
-    def run(self, inputs: list[Any]) -> torch.Tensor:
+    def run(self, inputs: list[Any]) -> Any:
         """One step on inputs from :meth:`flat_inputs` (which checked the guards)."""
         b = self._b
         params = [p for _, p in b.params]
@@ -205,15 +265,15 @@ class TracedStep:
         # workspace); no input requires grad, so autograd records nothing.
         with torch.enable_grad():
             out = self.graph_module(*inputs)
-        loss = out[0]
-        grads = out[1 : 1 + len(b.grad_params)]
-        new_buffers = out[1 + len(b.grad_params) :]
+        result = pytree.tree_unflatten(list(out[: b.n_out]), b.out_spec)
+        grads = out[b.n_out : b.n_out + len(b.grad_params)]
+        new_buffers = out[b.n_out + len(b.grad_params) :]
         for i, g in zip(b.grad_params, grads, strict=True):
             params[i].grad = g
         for i, value in zip(b.reassigned_buffers, new_buffers, strict=True):
             owner, attr = _owner(b.model, b.buffers[i][0])
             owner._buffers[attr] = value
-        return loss
+        return result
 
     def print_readable(self) -> str:
         return self.graph_module.print_readable(print_output=False)
@@ -245,6 +305,8 @@ def trace(
     start = time.perf_counter()
     model = _unwrap_compiled(model)
     _check_supported(model, optimizer, batch)
+    layout = _BatchLayout.of(batch)
+    batch_tensors = layout.tensors(batch)
     params = list(model.named_parameters())  # tied weights appear once
     param_ids = {id(p) for _, p in params}
     for group in optimizer.param_groups:
@@ -255,8 +317,8 @@ def trace(
 
     added_state = _init_optimizer_state(optimizer)
     try:
-        first = _trace(train_step, model, optimizer, batch, params, buffers, trace_id=0)
-        second = _trace(train_step, model, optimizer, batch, params, buffers, trace_id=1)
+        first = _trace(train_step, model, optimizer, layout, batch_tensors, params, buffers, trace_id=0)
+        second = _trace(train_step, model, optimizer, layout, batch_tensors, params, buffers, trace_id=1)
         _same_literals(first, second)
         guards = Guards.record(
             model,
@@ -272,7 +334,7 @@ def trace(
                     (f"optimizer state {params[s.param_index][0]}/{s.key}", optimizer.state[params[s.param_index][1]][s.key])
                     for s in first.state_slots
                 ),
-                *((f"batch[{i}]", b) for i, b in enumerate(batch)),
+                *zip(layout.names, batch_tensors),
                 *((f"constant {n}", t) for n, t in first.constants),
             ],
         )
@@ -289,7 +351,10 @@ def trace(
             params=params,
             buffers=buffers,
             state_slots=first.state_slots,
-            batch_meta=[(b.shape, b.dtype, b.device) for b in batch],
+            batch_meta=[tensor_meta(b) for b in batch_tensors],
+            batch=layout,
+            out_spec=first.out_spec,
+            n_out=first.n_out,
             constants=first.constants,
             hyper_inputs=first.hyper_inputs,
             read_hypers=first.book.guard_checker(first.hyper_inputs),
@@ -360,9 +425,6 @@ def _check_supported(model, optimizer, batch) -> None:
                     "SGD with dampening != 0 treats its first step specially; take one eager "
                     "step before tracing, or use dampening=0"
                 )
-    for i, b in enumerate(batch):
-        if not isinstance(b, torch.Tensor):
-            raise UnsupportedStep(f"batch[{i}] is a {type(b).__name__}; the batch must be tensors")
     if any(p.grad is not None and p.grad.is_sparse for p in model.parameters()):
         raise UnsupportedStep("sparse gradients are not supported")
 
@@ -533,6 +595,8 @@ class _Traced:
     constants: list[tuple[str, torch.Tensor]]
     hyper_inputs: list[InputKey]
     book: Book
+    out_spec: pytree.TreeSpec
+    n_out: int
 
 
 def _snapshot_attributes(model: torch.nn.Module) -> dict[tuple[int, str], tuple[torch.nn.Module, str, Any]]:
@@ -571,7 +635,7 @@ def _check_attributes(model: torch.nn.Module, before: dict) -> None:
         )
 
 
-def _trace(train_step, model, optimizer, batch, params, buffers, *, trace_id: int) -> _Traced:
+def _trace(train_step, model, optimizer, layout, batch, params, buffers, *, trace_id: int) -> _Traced:
     counters = _Counters()
     state_slots: list[_StateSlot] = []
     for i, (_, p) in enumerate(params):
@@ -585,6 +649,7 @@ def _trace(train_step, model, optimizer, batch, params, buffers, *, trace_id: in
     n_p, n_b, n_s = len(params), len(buffers), len(state_slots)
     grad_params: list[int] = []
     reassigned: list[int] = []
+    outputs: list[pytree.TreeSpec] = []
     book = Book(trace_id)
 
     real_backward = torch.autograd.backward
@@ -646,7 +711,7 @@ def _trace(train_step, model, optimizer, batch, params, buffers, *, trace_id: in
         written: list[str] = []
         try:
             with stateless._reparametrize_module(model, mapping, tie_weights=True):
-                loss = train_step(model, optimizer, *f_batch)
+                result = train_step(model, optimizer, *layout.rebuild(f_batch))
                 for i, (name, _) in enumerate(buffers):
                     if _get_buffer(model, name) is not mapping[name]:
                         reassigned.append(i)
@@ -661,14 +726,19 @@ def _trace(train_step, model, optimizer, batch, params, buffers, *, trace_id: in
                 "scheduler.step() inside it: call the scheduler outside the step (acopt reads the "
                 "hyperparameters at every call)"
             )
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            raise UnsupportedStep("train_step must return the loss as a one-element tensor")
+        leaves, out_spec = pytree.tree_flatten(result)
+        if not leaves or not all(isinstance(t, torch.Tensor) for t in leaves):
+            raise UnsupportedStep(
+                "train_step must return tensors: the loss, or a tuple/dict of the loss and other "
+                f"tensors (logits, metrics); it returned {type(result).__name__}"
+            )
+        outputs.append(out_spec)
         grads = []
         for i, t in enumerate(f_params):
             if t.grad is not None:
                 grad_params.append(i)
                 grads.append(t.grad)
-        return (loss, *grads, *new_buffers)
+        return (*leaves, *grads, *new_buffers)
 
     flat = [p.detach().requires_grad_(p.requires_grad) for p in param_tensors]
     flat += [b for _, b in buffers]
@@ -711,7 +781,8 @@ def _trace(train_step, model, optimizer, batch, params, buffers, *, trace_id: in
     _outplace_forward_mutations(gm)
     constants = _lift_constants(gm)
     hyper_inputs = book.lift(gm, _hyper_placeholder_name)
-    return _Traced(gm, state_slots, grad_params, reassigned, constants, hyper_inputs, book)
+    out_spec = outputs[0]
+    return _Traced(gm, state_slots, grad_params, reassigned, constants, hyper_inputs, book, out_spec, out_spec.num_leaves)
 
 
 def _hyper_placeholder_name(key: InputKey) -> str:

@@ -100,6 +100,9 @@ def test_functional_collective_is_never_dead_code(group):
     traced = acopt.trace(step, model, opt, *_batch())
     targets = [str(n.target) for n in traced.graph.nodes]
     assert any("all_reduce" in t for t in targets), targets
+    prof = acopt.profile(traced, *_batch(), warmup=0, iterations=1)
+    collectives = [n for n in prof.nodes if "c10d" in n.op]
+    assert collectives and not any(n.recomputable for n in collectives)  # rule 8: never replayed
     ref = _net()
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
     assert torch.equal(traced(*_batch()), _step(ref, ref_opt, *_batch()))
