@@ -31,6 +31,7 @@ _EXPORTS = {
     "Region": "acopt.records",
     "Role": "acopt.records",
     "InvalidPlan": "acopt.schedule",
+    "ArtifactMismatch": "acopt.fingerprint",
     "simulate": "acopt.simulator",
     "Simulation": "acopt.simulator",
     "Plan": "acopt.planning",
@@ -73,6 +74,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from acopt.profiler import profile
     from acopt.records import ActivationRecord, NodeRecord, Profile, Region, Role, StorageRecord
     from acopt.rewriter import rewrite
+    from acopt.fingerprint import ArtifactMismatch
     from acopt.schedule import InvalidPlan
     from acopt.simulator import Simulation, simulate
     from acopt.errors import GuardFailure, UnsupportedStep
