@@ -148,6 +148,7 @@ class _Binding:
     read_hypers: Callable[[Sequence[dict]], list[Any]]
     grad_params: list[int]
     reassigned_buffers: list[int]  # indices into buffers, in output order
+    after_step: list[tuple[Any, tuple, dict]]  # scheduler.step(*args, **kwargs) calls train_step made
     guards: Guards
 
 
@@ -273,6 +274,8 @@ class TracedStep:
         for i, value in zip(b.reassigned_buffers, new_buffers, strict=True):
             owner, attr = _owner(b.model, b.buffers[i][0])
             owner._buffers[attr] = value
+        for scheduler, args, kwargs in b.after_step:  # host-side, as train_step called them
+            scheduler.step(*args, **kwargs)
         return result
 
     def print_readable(self) -> str:
@@ -360,6 +363,7 @@ def trace(
             read_hypers=first.book.guard_checker(first.hyper_inputs),
             grad_params=first.grad_params,
             reassigned_buffers=first.reassigned,
+            after_step=first.after_step,
             guards=guards,
         ),
         provenance={
@@ -560,6 +564,39 @@ def _plain_checkpoints():
         yield
 
 
+@contextlib.contextmanager
+def _deferred_schedulers(actions: list, counters: _Counters):
+    """``scheduler.step()`` inside ``train_step`` is recorded, not run: it is Python
+    arithmetic on the scheduler's counters, so the traced step calls it for real
+    after the graph, where train_step called it (after ``optimizer.step()``), and
+    the next call reads the hyperparameters it wrote."""
+    from torch.optim.lr_scheduler import LRScheduler
+
+    def subclasses(cls):
+        yield cls
+        for c in cls.__subclasses__():
+            yield from subclasses(c)
+
+    def record(self, *args, **kwargs):
+        if counters.steps == 0:
+            raise UnsupportedStep(
+                f"train_step calls {type(self).__name__}.step() before optimizer.step(); call it after "
+                "(as PyTorch asks), or outside the step"
+            )
+        if any(isinstance(x, torch.Tensor) for x in pytree.tree_leaves((args, kwargs))):
+            raise UnsupportedStep(
+                f"train_step calls {type(self).__name__}.step() with a tensor (a metric): its value is "
+                "not known while tracing; call the scheduler outside the step"
+            )
+        actions.append((self, args, kwargs))
+
+    with contextlib.ExitStack() as stack:
+        for cls in set(subclasses(LRScheduler)):
+            if "step" in vars(cls):
+                stack.enter_context(_patched(cls, "step", record))
+        yield
+
+
 def _refuse_random_since(start: int, what: str) -> None:
     graph = _graph()
     if graph is None:
@@ -597,6 +634,7 @@ class _Traced:
     book: Book
     out_spec: pytree.TreeSpec
     n_out: int
+    after_step: list[tuple[Any, tuple, dict]]
 
 
 def _snapshot_attributes(model: torch.nn.Module) -> dict[tuple[int, str], tuple[torch.nn.Module, str, Any]]:
@@ -650,6 +688,7 @@ def _trace(train_step, model, optimizer, layout, batch, params, buffers, *, trac
     grad_params: list[int] = []
     reassigned: list[int] = []
     outputs: list[pytree.TreeSpec] = []
+    after_step: list[tuple[Any, tuple, dict]] = []
     book = Book(trace_id)
 
     real_backward = torch.autograd.backward
@@ -754,6 +793,7 @@ def _trace(train_step, model, optimizer, layout, batch, params, buffers, *, trac
             stack.enter_context(_patched(model, "zero_grad", model_zero_grad))
             stack.enter_context(_compiling_flag())
             stack.enter_context(_plain_checkpoints())
+            stack.enter_context(_deferred_schedulers(after_step, counters))
             stack.enter_context(_dynamo_disabled())
             gm = make_fx(flat_step, tracing_mode="fake", _allow_non_fake_inputs=True)(*flat)
     except UnsupportedStep:
@@ -782,7 +822,9 @@ def _trace(train_step, model, optimizer, layout, batch, params, buffers, *, trac
     constants = _lift_constants(gm)
     hyper_inputs = book.lift(gm, _hyper_placeholder_name)
     out_spec = outputs[0]
-    return _Traced(gm, state_slots, grad_params, reassigned, constants, hyper_inputs, book, out_spec, out_spec.num_leaves)
+    return _Traced(
+        gm, state_slots, grad_params, reassigned, constants, hyper_inputs, book, out_spec, out_spec.num_leaves, after_step
+    )
 
 
 def _hyper_placeholder_name(key: InputKey) -> str:
