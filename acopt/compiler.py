@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import time
 import warnings
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -32,7 +31,7 @@ from acopt.profiler import profile
 from acopt.records import Profile
 from acopt.rewriter import rewrite
 from acopt.simulator import simulate
-from acopt.tracer import TracedStep, trace
+from acopt.tracer import OptimizerSet, TracedStep, trace
 from acopt.units import format_bytes
 
 
@@ -86,7 +85,7 @@ class CompiledStep:
     def __init__(self, train_step, model, optimizer, *, budget, solver: str, options: dict[str, Any], warmup: int, iterations: int):
         self._train_step = train_step
         self.model = model
-        self._optimizer = weakref.ref(optimizer)  # weak: a re-created optimizer is noticed
+        self._optimizers = OptimizerSet.of(optimizer)  # weak: a re-created optimizer is noticed
         self.budget = budget
         self.solver = solver
         self.options = options
@@ -97,18 +96,12 @@ class CompiledStep:
         self._warned: set[str] = set()
 
     @property
-    def optimizer(self) -> torch.optim.Optimizer:
-        opt = self._optimizer()
-        if opt is None:
-            raise GuardFailure(
-                "the optimizer this step was compiled with no longer exists (acopt holds it weakly so "
-                "that a re-created optimizer is noticed): keep a reference to it, or call acopt.compile "
-                "again with the new one"
-            )
-        return opt
+    def optimizer(self) -> Any:
+        """The optimizer argument (one optimizer, or the list/tuple/dict of them)."""
+        return self._optimizers.rebuild()
 
     def __call__(self, *batch: torch.Tensor) -> torch.Tensor:
-        self.optimizer  # noqa: B018 - a dropped optimizer is an error, never a retrace
+        self._optimizers.live()  # a dropped optimizer is an error, never a retrace
         failure = None
         for compiled in reversed(self._compiled.get(_signature(batch), [])):
             try:

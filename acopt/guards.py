@@ -69,7 +69,7 @@ class Guards:
     def record(
         cls,
         model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
+        optimizers: Sequence[torch.optim.Optimizer],
         *,
         params: Sequence[tuple[str, torch.Tensor]],
         buffers: Sequence[tuple[str, torch.Tensor]],
@@ -87,7 +87,7 @@ class Guards:
                 if child is not None:
                     children.append((m, attr, child, f"{name}.{attr}" if name else attr))
         groups = []
-        for g, group in enumerate(optimizer.param_groups):
+        for g, group in enumerate(g for o in optimizers for g in o.param_groups):
             keys = read_keys[g] if g < len(read_keys) else set(group)
             options = {
                 k: group[k]
@@ -103,12 +103,12 @@ class Guards:
             params=[(n, *_owner(model, n), p, p.requires_grad) for n, p in params],
             buffers=[(n, *_owner(model, n), None if n in reassigned else b) for n, b in buffers],
             groups=groups,
-            optimizer_hooks=len(optimizer._optimizer_step_pre_hooks) + len(optimizer._optimizer_step_post_hooks),
+            optimizer_hooks=_optimizer_hooks(optimizers),
             input_meta=[tensor_meta(t) for _, t in inputs],
             input_names=[n for n, _ in inputs],
         )
 
-    def check_program(self, optimizer: torch.optim.Optimizer) -> None:
+    def check_program(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
         """Everything but the input tensors' metadata (see :meth:`check_inputs`)."""
         if torch.is_grad_enabled() != self.grad_enabled:
             raise GuardFailure(
@@ -139,10 +139,10 @@ class Guards:
         for name, owner, attr, b in self.buffers:
             if b is not None and owner._buffers.get(attr) is not b:
                 raise GuardFailure(f"buffer {name!r} was replaced since tracing; trace again")
-        groups = optimizer.param_groups
+        groups = [g for o in optimizers for g in o.param_groups]
         if len(groups) != len(self.groups):
             raise GuardFailure(
-                f"the optimizer has {len(groups)} param groups, {len(self.groups)} when traced "
+                f"the optimizers have {len(groups)} param groups, {len(self.groups)} when traced "
                 "(add_param_group?); trace again"
             )
         for g, (group, (params, options)) in enumerate(zip(groups, self.groups)):
@@ -155,8 +155,7 @@ class Guards:
                         f"optimizer param_groups[{g}][{key!r}] is {group.get(key, '<missing>')!r}, "
                         f"{value!r} when traced; trace again"
                     )
-        hooks = len(optimizer._optimizer_step_pre_hooks) + len(optimizer._optimizer_step_post_hooks)
-        if hooks != self.optimizer_hooks:
+        if _optimizer_hooks(optimizers) != self.optimizer_hooks:
             raise GuardFailure("optimizer step hooks were added or removed since tracing; trace again")
 
     def check_inputs(self, tensors: Sequence[torch.Tensor]) -> None:
@@ -167,6 +166,10 @@ class Guards:
                 diff = [f"{f} {a} (traced: {b})" for f, a, b in zip(fields, now, meta) if a != b]
                 hint = " (a new batch shape is traced anew by acopt.compile)" if name.startswith("batch") else ""
                 raise GuardFailure(f"{name} has {', '.join(diff)}; trace again{hint}")
+
+
+def _optimizer_hooks(optimizers: Sequence[torch.optim.Optimizer]) -> int:
+    return sum(len(o._optimizer_step_pre_hooks) + len(o._optimizer_step_post_hooks) for o in optimizers)
 
 
 def _numeric(v: Any) -> bool:

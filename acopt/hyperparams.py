@@ -15,7 +15,7 @@ computes bitwise the floats eager computes. Comparisons (``if weight_decay !=
 A value that escapes this bookkeeping (``math.sqrt(lr)``, ``torch.tensor(lr)``,
 a literal derived inside a kernel) would be baked into the graph. The tracer
 therefore traces twice with different sentinels and refuses a step whose two
-graphs differ anywhere but at these live inputs (:func:`graph_signature`).
+graphs hold different literals (:func:`literal_values`).
 """
 
 from __future__ import annotations
@@ -70,19 +70,22 @@ def evaluate(expr: Expr, values: Sequence[Any]) -> Any:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class InputKey:
-    """Where a live value is read: ``param_groups[group][key]`` (``[index]`` for tuples)."""
+    """Where a live value is read: ``optimizers[optimizer].param_groups[group][key]``
+    (``[index]`` for tuples such as ``betas``)."""
 
+    optimizer: int
     group: int
     key: str
     index: int | None = None
 
-    def read(self, param_groups: Sequence[dict]) -> Any:
-        v = param_groups[self.group][self.key]
+    def read(self, param_groups: Sequence[Sequence[dict]]) -> Any:
+        v = param_groups[self.optimizer][self.group][self.key]
         return v if self.index is None else v[self.index]
 
     def __str__(self) -> str:
         tail = "" if self.index is None else f"[{self.index}]"
-        return f"param_groups[{self.group}][{self.key!r}]{tail}"
+        head = f"optimizer {self.optimizer}: " if self.optimizer else ""
+        return f"{head}param_groups[{self.group}][{self.key!r}]{tail}"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -221,34 +224,39 @@ class Book:
         self.inputs.append(key)
         return Hyper(self._sentinel(k, real), real, ("input", k), self)
 
-    def install(self, param_groups: list[dict]) -> None:
-        """Replace every number of every group by a :class:`Hyper` (undone by :meth:`restore`)."""
-        for g, group in enumerate(param_groups):
-            read: set[str] = set()
-            self.read_keys.append(read)
-            replaced = {}
-            for key, v in group.items():
-                if key == "params":
-                    continue
-                if is_number(v):
-                    replaced[key] = self._hyper(InputKey(g, key), v)
-                elif isinstance(v, tuple) and v and all(is_number(x) for x in v):
-                    replaced[key] = tuple(self._hyper(InputKey(g, key, i), x) for i, x in enumerate(v))
-            recording = _RecordingGroup({**group, **replaced}, read)
-            self._installed.append((group, replaced))
-            param_groups[g] = recording
+    def install(self, param_groups: Sequence[list[dict]]) -> None:
+        """Replace every number of every group of every optimizer (``param_groups``:
+        one list per optimizer) by a :class:`Hyper`; undone by :meth:`restore`.
+        ``read_keys`` gets, per group in that order, the keys the step reads."""
+        self.read_keys.clear()
+        for o, groups in enumerate(param_groups):
+            for g, group in enumerate(groups):
+                read: set[str] = set()
+                self.read_keys.append(read)
+                replaced = {}
+                for key, v in group.items():
+                    if key == "params":
+                        continue
+                    if is_number(v):
+                        replaced[key] = self._hyper(InputKey(o, g, key), v)
+                    elif isinstance(v, tuple) and v and all(is_number(x) for x in v):
+                        replaced[key] = tuple(self._hyper(InputKey(o, g, key, i), x) for i, x in enumerate(v))
+                recording = _RecordingGroup({**group, **replaced}, read)
+                self._installed.append((o, g, group, replaced))
+                groups[g] = recording
 
-    def restore(self, param_groups: list[dict]) -> list[str]:
+    def restore(self, param_groups: Sequence[list[dict]]) -> list[str]:
         """Put the original groups back; returns what the step itself wrote to them."""
         changed = []
-        for g, (original, replaced) in enumerate(self._installed):
-            recording = param_groups[g]
+        for o, g, original, replaced in self._installed:
+            recording = param_groups[o][g]
+            where = f"optimizer {o} " if o else ""
             for key, v in replaced.items():
                 if recording.get(key) is not v:
-                    changed.append(f"param_groups[{g}][{key!r}]")
+                    changed.append(f"{where}param_groups[{g}][{key!r}]")
             for key in recording.keys() - original.keys() - {"params"}:
-                changed.append(f"param_groups[{g}][{key!r}]")
-            param_groups[g] = original
+                changed.append(f"{where}param_groups[{g}][{key!r}]")
+            param_groups[o][g] = original
         self._installed.clear()
         return changed
 
@@ -312,15 +320,16 @@ class Book:
         return [self.inputs[k] for k in order]
 
     # ---- at each call ---------------------------------------------------------
-    def guard_checker(self, inputs: Sequence[InputKey]) -> Callable[[Sequence[dict]], list[Any]]:
-        """A function of the live ``param_groups`` that checks the comparisons the
-        trace made and returns the values of ``inputs`` (raises :class:`GuardFailure`)."""
+    def guard_checker(self, inputs: Sequence[InputKey]) -> Callable[[Sequence[Sequence[dict]]], list[Any]]:
+        """A function of the live ``param_groups`` (one list per optimizer) that checks
+        the comparisons the trace made and returns the values of ``inputs``
+        (raises :class:`GuardFailure`)."""
         all_keys = list(self.inputs)
         guards = list(dict.fromkeys(self.guards))
         index = {key: i for i, key in enumerate(all_keys)}
         wanted = [index[k] for k in inputs]
 
-        def read(param_groups: Sequence[dict]) -> list[Any]:
+        def read(param_groups: Sequence[Sequence[dict]]) -> list[Any]:
             values = []
             for key in all_keys:
                 try:

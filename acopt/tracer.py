@@ -70,6 +70,7 @@ class InputSpec:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class _StateSlot:
+    optimizer: int
     param_index: int
     key: str
 
@@ -129,13 +130,51 @@ class _BatchLayout:
 _TENSOR = object()
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class OptimizerSet:
+    """The optimizer argument of ``train_step``: one optimizer, or a list, tuple
+    or dict of them (Muon for matrices and AdamW for the rest; one optimizer per
+    group of a fine-tune). Held weakly, so that a re-created optimizer is noticed."""
+
+    spec: pytree.TreeSpec
+    refs: tuple[weakref.ref, ...]
+
+    @classmethod
+    def of(cls, optimizer: Any) -> OptimizerSet:
+        leaves, spec = pytree.tree_flatten(optimizer)
+        if not leaves or not all(isinstance(o, torch.optim.Optimizer) for o in leaves):
+            raise UnsupportedStep(
+                "the optimizer argument must be a torch.optim.Optimizer, or a list, tuple or dict of them; "
+                f"got {type(optimizer).__name__}"
+            )
+        if len({id(o) for o in leaves}) != len(leaves):
+            raise UnsupportedStep("the same optimizer appears twice in the optimizer argument")
+        return cls(spec, tuple(weakref.ref(o) for o in leaves))
+
+    def live(self) -> list[torch.optim.Optimizer]:
+        out = [r() for r in self.refs]
+        if any(o is None for o in out):
+            raise GuardFailure(
+                "an optimizer this step was traced with no longer exists (acopt holds optimizers weakly so "
+                "that a re-created optimizer is noticed): keep a reference to it, or trace again with the new one"
+            )
+        return out
+
+    def rebuild(self) -> Any:
+        return pytree.tree_unflatten(self.live(), self.spec)
+
+
+def _all_groups(optimizers: Sequence[torch.optim.Optimizer]) -> list[dict]:
+    return [g for o in optimizers for g in o.param_groups]
+
+
 @dataclasses.dataclass(slots=True, kw_only=True)
 class _Binding:
     """How a step graph is bound to the live model and optimizer (shared by a
     traced step and its rewrites)."""
 
     model: torch.nn.Module
-    optimizer_ref: weakref.ref
+    optimizers: OptimizerSet
     params: list[tuple[str, torch.nn.Parameter]]
     buffers: list[tuple[str, torch.Tensor]]
     state_slots: list[_StateSlot]
@@ -193,14 +232,9 @@ class TracedStep:
         return self._b.model
 
     @property
-    def optimizer(self) -> torch.optim.Optimizer:
-        opt = self._b.optimizer_ref()
-        if opt is None:
-            raise GuardFailure(
-                "the optimizer this step was traced with no longer exists (acopt holds it weakly so that "
-                "a re-created optimizer is noticed): keep a reference to it, or trace again with the new one"
-            )
-        return opt
+    def optimizer(self) -> Any:
+        """The optimizer argument as traced (one optimizer, or the list/tuple/dict of them)."""
+        return self._b.optimizers.rebuild()
 
     @property
     def guards(self) -> Guards:
@@ -232,16 +266,15 @@ class TracedStep:
         """The graph's inputs for this call, read from the live model and optimizer,
         after every guard passed. Tensors that require grad are passed detached."""
         b = self._b
-        optimizer = self.optimizer
+        optimizers = b.optimizers.live()
         batch_tensors = b.batch.tensors(batch)
-        b.guards.check_program(optimizer)
+        b.guards.check_program(optimizers)
         params = [p for _, p in b.params]
-        state = optimizer.state
         states = []
         for slot in b.state_slots:
             p = params[slot.param_index]
             try:
-                states.append(state[p][slot.key])
+                states.append(optimizers[slot.optimizer].state[p][slot.key])
             except KeyError:
                 raise GuardFailure(
                     f"optimizer state {slot.key!r} of parameter {b.params[slot.param_index][0]!r} is missing: "
@@ -250,7 +283,7 @@ class TracedStep:
         buffers = [_get_buffer(b.model, name) for name, _ in b.buffers]
         tensors = [*params, *buffers, *states, *batch_tensors, *(t for _, t in b.constants)]
         b.guards.check_inputs(tensors)
-        hypers = b.read_hypers(optimizer.param_groups)
+        hypers = b.read_hypers([o.param_groups for o in optimizers])
         return [t.detach() if t.requires_grad else t for t in tensors] + hypers
 
     def __call__(self, *batch: Any) -> Any:
@@ -274,6 +307,8 @@ class TracedStep:
         for i, value in zip(b.reassigned_buffers, new_buffers, strict=True):
             owner, attr = _owner(b.model, b.buffers[i][0])
             owner._buffers[attr] = value
+        for opt in b.optimizers.live():
+            opt._opt_called = True  # as eager's step does (LR schedulers check it)
         for scheduler, args, kwargs in b.after_step:  # host-side, as train_step called them
             scheduler.step(*args, **kwargs)
         return result
@@ -298,34 +333,44 @@ def _get_buffer(model: torch.nn.Module, name: str) -> torch.Tensor:
 def trace(
     train_step: Callable[..., Any],
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    *batch: torch.Tensor,
+    optimizer: Any,
+    *batch: Any,
 ) -> TracedStep:
     """Trace ``train_step(model, optimizer, *batch)`` into a :class:`TracedStep`.
 
-    On any error the model and optimizer are left as they were.
+    ``optimizer`` is one optimizer or a list, tuple or dict of them (each is
+    stepped once by ``train_step``); ``batch`` is any nest of tuples, lists and
+    dicts of tensors and constants. On any error the model and optimizers are
+    left as they were.
     """
     start = time.perf_counter()
     model = _unwrap_compiled(model)
-    _check_supported(model, optimizer, batch)
+    optimizer_set = OptimizerSet.of(optimizer)
+    optimizers = optimizer_set.live()
+    for opt in optimizers:
+        _check_supported(model, opt)
     layout = _BatchLayout.of(batch)
     batch_tensors = layout.tensors(batch)
     params = list(model.named_parameters())  # tied weights appear once
     param_ids = {id(p) for _, p in params}
-    for group in optimizer.param_groups:
+    seen: set[int] = set()
+    for group in _all_groups(optimizers):
         for p in group["params"]:
             if id(p) not in param_ids:
-                raise UnsupportedStep("the optimizer holds a tensor that is not a parameter of the model")
+                raise UnsupportedStep("an optimizer holds a tensor that is not a parameter of the model")
+            if id(p) in seen:
+                raise UnsupportedStep("a parameter is in two param groups or two optimizers: it would be updated twice")
+            seen.add(id(p))
     buffers = list(model.named_buffers())
 
-    added_state = _init_optimizer_state(optimizer)
+    added_state = [(opt, _init_optimizer_state(opt)) for opt in optimizers]
     try:
-        first = _trace(train_step, model, optimizer, layout, batch_tensors, params, buffers, trace_id=0)
-        second = _trace(train_step, model, optimizer, layout, batch_tensors, params, buffers, trace_id=1)
+        first = _trace(train_step, model, optimizer, optimizers, layout, batch_tensors, params, buffers, trace_id=0)
+        second = _trace(train_step, model, optimizer, optimizers, layout, batch_tensors, params, buffers, trace_id=1)
         _same_literals(first, second)
         guards = Guards.record(
             model,
-            optimizer,
+            optimizers,
             params=params,
             buffers=buffers,
             reassigned={buffers[i][0] for i in first.reassigned},
@@ -334,7 +379,10 @@ def trace(
                 *params,
                 *buffers,
                 *(
-                    (f"optimizer state {params[s.param_index][0]}/{s.key}", optimizer.state[params[s.param_index][1]][s.key])
+                    (
+                        f"optimizer state {params[s.param_index][0]}/{s.key}",
+                        optimizers[s.optimizer].state[params[s.param_index][1]][s.key],
+                    )
                     for s in first.state_slots
                 ),
                 *zip(layout.names, batch_tensors),
@@ -342,15 +390,16 @@ def trace(
             ],
         )
     except BaseException:
-        for p in added_state:
-            optimizer.state.pop(p, None)
+        for opt, added in added_state:
+            for p in added:
+                opt.state.pop(p, None)
         raise
     gm = first.gm
     step = TracedStep(
         graph_module=gm,
         binding=_Binding(
             model=model,
-            optimizer_ref=weakref.ref(optimizer),
+            optimizers=optimizer_set,
             params=params,
             buffers=buffers,
             state_slots=first.state_slots,
@@ -369,7 +418,7 @@ def trace(
         provenance={
             "stage": "trace",
             "torch": torch.__version__,
-            "optimizer": type(optimizer).__name__,
+            "optimizer": ", ".join(type(o).__name__ for o in optimizers),
             "nodes": len(gm.graph.nodes),
             "trace_time_s": time.perf_counter() - start,
         },
@@ -402,7 +451,7 @@ def _unwrap_compiled(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _check_supported(model, optimizer, batch) -> None:
+def _check_supported(model, optimizer) -> None:
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     _check_not_distributed(model)
@@ -673,17 +722,18 @@ def _check_attributes(model: torch.nn.Module, before: dict) -> None:
         )
 
 
-def _trace(train_step, model, optimizer, layout, batch, params, buffers, *, trace_id: int) -> _Traced:
+def _trace(train_step, model, optimizer_arg, optimizers, layout, batch, params, buffers, *, trace_id: int) -> _Traced:
     counters = _Counters()
     state_slots: list[_StateSlot] = []
     for i, (_, p) in enumerate(params):
-        for key, v in optimizer.state.get(p, {}).items():
-            if isinstance(v, torch.Tensor):
-                state_slots.append(_StateSlot(i, key))
-            # non-tensor state (none for the supported optimizers) stays baked in
+        for o, opt in enumerate(optimizers):
+            for key, v in opt.state.get(p, {}).items():
+                if isinstance(v, torch.Tensor):
+                    state_slots.append(_StateSlot(o, i, key))
+                # non-tensor state (none for the supported optimizers) stays baked in
     param_tensors = [p for _, p in params]
     index_of = {id(p): i for i, p in enumerate(param_tensors)}
-    group_param_index = [[index_of[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+    group_param_index = [[[index_of[id(p)] for p in g["params"]] for g in opt.param_groups] for opt in optimizers]
     n_p, n_b, n_s = len(params), len(buffers), len(state_slots)
     grad_params: list[int] = []
     reassigned: list[int] = []
@@ -698,29 +748,38 @@ def _trace(train_step, model, optimizer, layout, batch, params, buffers, *, trac
         real_backward(*args, **kwargs)  # several calls: gradient accumulation inside one step
         counters.backward_marks.append((start, _graph_len()))
 
-    real_step = optimizer.step
-    real_zero_grad = optimizer.zero_grad
-    real_model_zero_grad = model.zero_grad
+    stepped: set[int] = set()
 
-    def step(*args, **kwargs):
-        counters.steps += 1
-        counters.step_mark = _graph_len()
-        if counters.steps > 1:
-            raise UnsupportedStep("train_step calls optimizer.step() more than once")
-        return real_step(*args, **kwargs)
+    def make_step(opt):
+        real_step = opt.step
 
-    def zero_grad(*args, **kwargs):
-        counters.zero_grads += 1
-        return real_zero_grad(*args, **kwargs)
+        def step(*args, **kwargs):
+            if id(opt) in stepped:
+                raise UnsupportedStep(f"train_step calls {type(opt).__name__}.step() more than once")
+            stepped.add(id(opt))
+            counters.steps += 1
+            counters.step_mark = _graph_len()
+            return real_step(*args, **kwargs)
 
-    def model_zero_grad(*args, **kwargs):
-        counters.zero_grads += 1
-        return real_model_zero_grad(*args, **kwargs)
+        return step
+
+    cleared: set[int] = set()  # parameters whose .grad the step resets
+
+    def make_zero_grad(real, params_index):
+        def zero_grad(*args, **kwargs):
+            counters.zero_grads += 1
+            cleared.update(params_index)
+            return real(*args, **kwargs)
+
+        return zero_grad
+
+    traced_ids = {id(o) for o in optimizers}
 
     def other_optimizer_hook(opt, args, kwargs):
-        if opt is not optimizer:
+        if id(opt) not in traced_ids:
             raise UnsupportedStep(
-                f"train_step steps a second optimizer ({type(opt).__name__}); acopt traces one optimizer"
+                f"train_step steps an optimizer ({type(opt).__name__}) that is not in the optimizer argument: "
+                "pass every optimizer the step uses (a list, tuple or dict of them)"
             )
 
     def flat_step(*flat):
@@ -730,40 +789,43 @@ def _trace(train_step, model, optimizer, layout, batch, params, buffers, *, trac
         f_batch = flat[n_p + n_b + n_s :]
         mapping = {name: t for (name, _), t in zip(params, f_params)}
         mapping.update({name: t for (name, _), t in zip(buffers, f_buffers)})
-        fake_state: dict[torch.Tensor, dict[str, Any]] = {}
-        for i, p in enumerate(param_tensors):
-            st = optimizer.state.get(p)
-            if st is not None:
-                fake_state[f_params[i]] = {k: v for k, v in st.items() if not isinstance(v, torch.Tensor)}
+        fake_states: list[dict[torch.Tensor, dict[str, Any]]] = []
+        for opt in optimizers:
+            fake_state: dict[torch.Tensor, dict[str, Any]] = {}
+            for i, p in enumerate(param_tensors):
+                st = opt.state.get(p)
+                if st is not None:
+                    fake_state[f_params[i]] = {k: v for k, v in st.items() if not isinstance(v, torch.Tensor)}
+            fake_states.append(fake_state)
         for slot, t in zip(state_slots, f_states):
-            fake_state[f_params[slot.param_index]][slot.key] = t
-        saved_groups = list(optimizer.param_groups)
-        saved_state = optimizer.state
-        optimizer.state = defaultdict(dict, fake_state)
-        for g, idx in enumerate(group_param_index):
-            group = dict(saved_groups[g])
-            group["params"] = [f_params[i] for i in idx]
-            if "capturable" in group:
-                group["capturable"] = True
-            optimizer.param_groups[g] = group
-        book.install(optimizer.param_groups)
+            fake_states[slot.optimizer][f_params[slot.param_index]][slot.key] = t
+        saved = [(list(opt.param_groups), opt.state) for opt in optimizers]
+        for opt, fake_state, groups_index in zip(optimizers, fake_states, group_param_index):
+            opt.state = defaultdict(dict, fake_state)
+            for g, idx in enumerate(groups_index):
+                group = dict(opt.param_groups[g])
+                group["params"] = [f_params[i] for i in idx]
+                if "capturable" in group:
+                    group["capturable"] = True
+                opt.param_groups[g] = group
+        book.install([opt.param_groups for opt in optimizers])
         written: list[str] = []
         try:
             with stateless._reparametrize_module(model, mapping, tie_weights=True):
-                result = train_step(model, optimizer, *layout.rebuild(f_batch))
+                result = train_step(model, optimizer_arg, *layout.rebuild(f_batch))
                 for i, (name, _) in enumerate(buffers):
                     if _get_buffer(model, name) is not mapping[name]:
                         reassigned.append(i)
                 new_buffers = [_get_buffer(model, buffers[i][0]) for i in reassigned]
         finally:
-            written = book.restore(optimizer.param_groups)
-            optimizer.state = saved_state
-            optimizer.param_groups[:] = saved_groups
+            written = book.restore([opt.param_groups for opt in optimizers])
+            for opt, (groups, state) in zip(optimizers, saved):
+                opt.state = state
+                opt.param_groups[:] = groups
         if written:
             raise UnsupportedStep(
-                f"train_step changes optimizer hyperparameters ({', '.join(written)}), e.g. by calling "
-                "scheduler.step() inside it: call the scheduler outside the step (acopt reads the "
-                "hyperparameters at every call)"
+                f"train_step changes optimizer hyperparameters ({', '.join(written)}) other than through "
+                "an LR scheduler's step(): acopt reads them at every call; change them outside the step"
             )
         leaves, out_spec = pytree.tree_flatten(result)
         if not leaves or not all(isinstance(t, torch.Tensor) for t in leaves):
@@ -781,16 +843,18 @@ def _trace(train_step, model, optimizer, layout, batch, params, buffers, *, trac
 
     flat = [p.detach().requires_grad_(p.requires_grad) for p in param_tensors]
     flat += [b for _, b in buffers]
-    flat += [optimizer.state[param_tensors[s.param_index]][s.key] for s in state_slots]
+    flat += [optimizers[s.optimizer].state[param_tensors[s.param_index]][s.key] for s in state_slots]
     flat += list(batch)
     hook = register_optimizer_step_pre_hook(other_optimizer_hook)
     attributes = _snapshot_attributes(model)
     try:
         with contextlib.ExitStack() as stack:
             stack.enter_context(_patched(torch.autograd, "backward", backward))
-            stack.enter_context(_patched(optimizer, "step", step))
-            stack.enter_context(_patched(optimizer, "zero_grad", zero_grad))
-            stack.enter_context(_patched(model, "zero_grad", model_zero_grad))
+            for opt in optimizers:
+                stack.enter_context(_patched(opt, "step", make_step(opt)))
+                owned = [i for groups in group_param_index[optimizers.index(opt)] for i in groups]
+                stack.enter_context(_patched(opt, "zero_grad", make_zero_grad(opt.zero_grad, owned)))
+            stack.enter_context(_patched(model, "zero_grad", make_zero_grad(model.zero_grad, range(len(params)))))
             stack.enter_context(_compiling_flag())
             stack.enter_context(_plain_checkpoints())
             stack.enter_context(_deferred_schedulers(after_step, counters))
@@ -805,14 +869,22 @@ def _trace(train_step, model, optimizer, layout, batch, params, buffers, *, trac
         _check_attributes(model, attributes)
     if not counters.backward_marks:
         raise UnsupportedStep("train_step never calls loss.backward()")
-    if counters.steps == 1 and counters.backward_marks[-1][1] > counters.step_mark:
+    if counters.steps and counters.backward_marks[-1][1] > counters.step_mark:
         raise UnsupportedStep("train_step calls backward() after optimizer.step(); acopt traces one step ending in the optimizer")
-    if counters.steps != 1:
-        raise UnsupportedStep("train_step never calls optimizer.step()")
+    if counters.steps != len(optimizers):
+        missing = [type(o).__name__ for o in optimizers if id(o) not in stepped]
+        raise UnsupportedStep(f"train_step never calls optimizer.step() (of {', '.join(missing)})")
     if counters.zero_grads == 0:
         raise UnsupportedStep(
             "train_step never calls optimizer.zero_grad() (or model.zero_grad()): gradient "
             "accumulation across steps is not supported"
+        )
+    kept = [params[i][0] for i in grad_params if i not in cleared]
+    if kept:
+        raise UnsupportedStep(
+            f"parameter(s) {', '.join(kept[:5])} get a gradient that train_step never resets (they are in no "
+            "optimizer whose zero_grad() it calls): eager would add up their .grad across steps. Add them "
+            "to the optimizer, call model.zero_grad(), or set requires_grad=False"
         )
     _tag_regions(gm, counters.backward_marks)
     _refuse_unfaithful_nodes(gm)
@@ -829,7 +901,8 @@ def _trace(train_step, model, optimizer, layout, batch, params, buffers, *, trac
 
 def _hyper_placeholder_name(key: InputKey) -> str:
     tail = "" if key.index is None else f"_{key.index}"
-    return f"hyper__g{key.group}_{key.key}{tail}"
+    head = f"o{key.optimizer}" if key.optimizer else ""
+    return f"hyper__{head}g{key.group}_{key.key}{tail}"
 
 
 @contextlib.contextmanager

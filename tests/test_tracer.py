@@ -191,7 +191,7 @@ def _untouched(model, optimizer, fn):
 @pytest.mark.parametrize(
     "case, message",
     [
-        ("second-optimizer", "second optimizer"),
+        ("second-optimizer", "not in the optimizer argument"),
         ("data-dependent", "data-dependent"),
         ("unknown-optimizer", "not supported"),
         ("no-zero-grad", "zero_grad"),
