@@ -1,9 +1,15 @@
-"""The ``acopt`` command line: profile, plan, sweep, run (and compare, bench).
+"""The acopt command line: profile, plan, sweep, run (and compare, bench).
 
-    acopt run mlp --budget 70%                 # the main job, about a minute on CPU
+    acopt run transformer --batch-size 32 --budget 60%   # the main job, about 20 s on CPU
+    acopt run mlp --batch-size 512 --budget 90%          # a few seconds
     acopt profile resnet152 --batch-size 8 --fake --out out/
-    acopt plan out/resnet152_bs8_fake.profile.json --budget 6GiB --solver greedy --out out/
+    acopt plan out/resnet152_bs8_fake.profile.json --budget 1GiB --solver greedy --out out/
     acopt sweep out/resnet152_bs8_fake.profile.json --solver greedy --out out/
+    acopt models; acopt solvers
+
+Exit status: 0 done; 1 `acopt run`'s check failed, or an internal error (with
+its traceback); 2 a usage error, or a budget, step or file acopt cannot handle
+(one line on stderr: add --debug for the traceback); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -11,9 +17,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import inspect
+import math
+import re
 import statistics
 import sys
 import time
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -23,27 +33,111 @@ from rich.table import Table
 console = Console()
 
 
-def _options(pairs: list[str]) -> dict[str, Any]:
-    """``key=value`` pairs to planner options; values parsed as int, float, bool or str."""
-    out: dict[str, Any] = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"option {pair!r} is not key=value")
-        for cast in (int, float):
-            with contextlib.suppress(ValueError):
-                out[key] = cast(value)
-                break
-        else:
-            out[key] = {"true": True, "false": False}.get(value.lower(), value)
-    return out
+class UsageError(Exception):
+    """A user error the CLI found: reported as one line on stderr, exit status 2.
+
+    ``parser``, when given, is the (sub)command's parser: its usage line is
+    printed first, as argparse does for its own errors.
+    """
+
+    def __init__(self, message: str, parser: argparse.ArgumentParser | None = None):
+        super().__init__(message)
+        self.parser = parser
+
+
+# ---- argparse types: an invalid value is an argparse error naming the option ----
+def _key_value(text: str) -> tuple[str, Any]:
+    """``key=value`` -> (key, value), the value parsed as int, float, bool or str."""
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    for cast in (int, float):
+        with contextlib.suppress(ValueError):
+            return key, cast(value)
+    return key, {"true": True, "false": False}.get(value.lower(), value)
+
+
+def _options(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Parsed ``--option``/``--model-arg`` pairs as a dict (a later key wins)."""
+    return dict(pairs or [])
+
+
+def _int_at_least(low: int, what: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
+        return value
+
+    return parse
+
+
+_positive_int = _int_at_least(1, "a positive integer")
+_non_negative_int = _int_at_least(0, "0 or more")
+_PERCENT = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*%\s*$")  # as acopt.planning.resolve_budget reads it
+
+
+def _budget(text: str) -> str:
+    """A budget as acopt.plan takes it: bytes, a size like 6GiB, or 70% of the peak (kept as text)."""
+    from acopt.units import parse_bytes
+
+    if "%" in text:
+        m = _PERCENT.match(text)
+        if m is None:
+            raise argparse.ArgumentTypeError(f"cannot parse {text!r}: expected a percentage like 70%")
+        if Fraction(m[1]) <= 0:
+            raise argparse.ArgumentTypeError(f"a percentage must be positive, got {text!r}")
+        return text
+    try:
+        parse_bytes(text)
+    except (TypeError, ValueError) as e:
+        raise argparse.ArgumentTypeError(f"{e} (or a percentage of the peak like 70%)") from None
+    return text
 
 
 def _build(args, *, device: str | None = None):
     from acopt import models
 
-    kw = _options(args.model_arg)
-    return models.build(args.model, batch_size=args.batch_size, device=device or args.device, seed=args.seed, **kw)
+    try:
+        return models.build(
+            args.model, batch_size=args.batch_size, device=device or args.device, seed=args.seed, **_options(args.model_arg)
+        )
+    except (ImportError, ValueError) as e:  # a missing extra (transformers), or a model argument the factory refuses
+        raise UsageError(f"cannot build model {args.model!r}: {e}") from e
+
+
+def _load_profile(path: str):
+    import acopt
+
+    try:
+        return acopt.Profile.from_json(path)
+    except ValueError as e:  # corrupt JSON, or not a profile (FieldError is a ValueError)
+        raise UsageError(f"cannot read profile {path}: {e}") from e
+
+
+def _plan(prof, args):
+    """acopt.plan with the CLI's arguments; below the floor, the error says which budget fits."""
+    import acopt
+    from acopt.planning import InfeasibleBudget, no_recompute_peak
+    from acopt.units import format_bytes
+
+    try:
+        return acopt.plan(prof, budget=args.budget, solver=args.solver, **_options(args.option))
+    except InfeasibleBudget as e:
+        peak = no_recompute_peak(prof)
+        floor = getattr(e, "floor_bytes", None)
+        if floor is None or peak <= 0:
+            raise
+        if floor >= peak:
+            hint = "recomputation cannot lower this step's peak (a larger --batch-size gives activations more weight)"
+        else:
+            pct = math.ceil(floor * 100 / peak)
+            hint = f"the smallest budget that fits is {format_bytes(floor)}: try --budget {pct}% or more"
+        raise UsageError(f"{e}; {hint}") from e
 
 
 def _prefix(args) -> str:
@@ -104,10 +198,10 @@ def cmd_plan(args) -> int:
     import acopt
     from acopt.plan_outputs import plot_timelines, write_decisions_csv
 
-    prof = acopt.Profile.from_json(args.profile)
+    prof = _load_profile(args.profile)
+    plan = _plan(prof, args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    plan = acopt.plan(prof, budget=args.budget, solver=args.solver, **_options(args.option))
     sim = acopt.simulate(prof, plan)
     stem = Path(args.profile).name.removesuffix(".json").removesuffix(".profile")
     plan.to_json(out / f"{stem}.{args.solver}.plan.json")
@@ -138,7 +232,7 @@ def cmd_sweep(args) -> int:
     import acopt
     from acopt.plan_outputs import plot_sweep, sweep
 
-    prof = acopt.Profile.from_json(args.profile)
+    prof = _load_profile(args.profile)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     lo, hi = acopt.floor(prof), prof.peak_bytes
@@ -169,7 +263,7 @@ def cmd_run(args) -> int:
         traced = acopt.trace(w.train_step, w.model, w.optimizer, *w.batch)
     prof = acopt.profile(traced, *w.batch, warmup=1, iterations=args.iterations, model_name=args.model, progress=True)
     with console.status(f"planning with {args.solver}"):
-        plan = acopt.plan(prof, budget=args.budget, solver=args.solver, **_options(args.option))
+        plan = _plan(prof, args)
     sim = acopt.simulate(prof, plan)
     rewritten = acopt.rewrite(traced, plan, profile=prof)
     prefix = _prefix(args)
@@ -242,68 +336,159 @@ def cmd_run(args) -> int:
 # ---------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="acopt", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
+    # Each subcommand takes --debug too; SUPPRESS keeps a top-level --debug from being overwritten.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name, **kw):
+        sp = sub.add_parser(name, parents=[common], **kw)
+        sp.set_defaults(parser=sp)
+        return sp
 
     def model_args(sp, batch_default):
         sp.add_argument("model", help="built-in model (see `acopt models`) or package.module:factory")
-        sp.add_argument("--batch-size", type=int, default=batch_default)
+        sp.add_argument("--batch-size", type=_positive_int, default=batch_default, help=f"(default {batch_default})")
         sp.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
         sp.add_argument("--seed", type=int, default=0)
-        sp.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE", help="extra model factory argument")
+        sp.add_argument("--model-arg", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+                        help="extra model factory argument, e.g. seq_len=128 (repeatable)")  # fmt: skip
 
-    sp = sub.add_parser("profile", help="trace and profile a model's training step")
+    sp = add("profile", help="trace and profile a model's training step")
     model_args(sp, 8)
     sp.add_argument("--fake", action="store_true", help="fake tensors on the meta device: exact memory, estimated times")
-    sp.add_argument("--warmup", type=int, default=2)
-    sp.add_argument("--iterations", type=int, default=3)
+    sp.add_argument("--warmup", type=_non_negative_int, default=2)
+    sp.add_argument("--iterations", type=_positive_int, default=3)
     sp.add_argument("--out", default="out")
     sp.set_defaults(fn=cmd_profile)
 
     def plan_args(sp):
-        sp.add_argument("--solver", default="greedy")
-        sp.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="planner option")
+        sp.add_argument("--solver", default="greedy", help="a registered planner (see `acopt solvers`; default greedy)")
+        sp.add_argument("--option", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+                        help="planner option, e.g. search=linear (repeatable)")  # fmt: skip
         sp.add_argument("--out", default="out")
 
-    sp = sub.add_parser("plan", help="choose activations to recompute for a budget")
+    budget_help = 'bytes, a size like "6GiB", or "70%%" of the no-recompute peak'
+    sp = add("plan", help="choose activations to recompute for a budget")
     sp.add_argument("profile", help="a .profile.json written by `acopt profile`")
-    sp.add_argument("--budget", required=True, help='bytes, "6GiB", or "70%%" of the no-recompute peak')
+    sp.add_argument("--budget", type=_budget, required=True, help=budget_help)
     plan_args(sp)
     sp.set_defaults(fn=cmd_plan)
 
-    sp = sub.add_parser("sweep", help="peak vs recompute time over budgets from the floor to the peak")
-    sp.add_argument("profile")
-    sp.add_argument("--points", type=int, default=9)
+    sp = add("sweep", help="peak vs recompute time over budgets from the floor to the peak")
+    sp.add_argument("profile", help="a .profile.json written by `acopt profile`")
+    sp.add_argument("--points", type=_int_at_least(2, "at least 2 (the floor and the peak)"), default=9,
+                    help="budgets, evenly spaced from the floor to the peak (default 9)")  # fmt: skip
     plan_args(sp)
     sp.set_defaults(fn=cmd_sweep)
 
-    sp = sub.add_parser("run", help="the main job: plan, rewrite, check and measure a model's step")
+    sp = add("run", help="the main job: plan, rewrite, check and measure a model's step")
     model_args(sp, 32)
-    sp.add_argument("--budget", default="70%")
-    sp.add_argument("--steps", type=int, default=3, help="steps compared bitwise")
-    sp.add_argument("--timing-steps", type=int, default=10, help="steps timed, alternating plain and rewritten")
-    sp.add_argument("--iterations", type=int, default=3)
+    sp.add_argument("--budget", type=_budget, default="70%", help=budget_help + " (default 70%%)")
+    sp.add_argument("--steps", type=_positive_int, default=3, help="steps compared bitwise")
+    sp.add_argument("--timing-steps", type=_positive_int, default=10, help="steps timed, alternating plain and rewritten")
+    sp.add_argument("--iterations", type=_positive_int, default=3)
     plan_args(sp)
     sp.set_defaults(fn=cmd_run)
 
-    sp = sub.add_parser("models", help="list the built-in models")
+    sp = add("models", help="list the built-in models")
     sp.set_defaults(fn=lambda a: print("\n".join(__import__("acopt.models", fromlist=["names"]).names())) or 0)
 
-    sp = sub.add_parser("solvers", help="list the registered planners")
+    sp = add("solvers", help="list the registered planners")
     sp.set_defaults(fn=cmd_solvers)
 
-    sp = sub.add_parser("compare", help="compare acopt's and PyTorch's solvers on saved profiles (docs/solvers.md)")
+    sp = add("compare", help="compare acopt's and PyTorch's solvers on saved profiles (docs/solvers.md)")
     try:
         _compare_module().add_compare_arguments(sp)
     except ImportError:  # an install without the repository's benchmarks/: the other commands still work
         sp.add_argument("args", nargs=argparse.REMAINDER)
-        sp.set_defaults(fn=lambda a: _compare_module())  # raises the ImportError, which main() reports
+        sp.set_defaults(fn=_compare_unavailable)
     else:
         sp.set_defaults(fn=cmd_compare)
 
-    sp = sub.add_parser("bench", add_help=False, help="benchmark harness: memory, time, numerics vs baselines (acopt bench --help)")
-    sp.add_argument("args", nargs=argparse.REMAINDER)
-    sp.set_defaults(fn=lambda a: cmd_bench(a.args))
+    sub.add_parser("bench", add_help=False, help="benchmark harness: memory, time, numerics vs baselines (acopt bench --help)")
+    # main() hands `acopt bench ...` to the harness's own parser before this one sees it.
     return p
+
+
+# ---- checks after parsing: arguments that need a file, a planner or a model to judge ----
+def check_args(args) -> None:
+    """Raise :class:`UsageError` naming the argument, before any slow work."""
+    parser = getattr(args, "parser", None)
+
+    def fail(message: str):
+        raise UsageError(message, parser)
+
+    for path in [args.profile] if isinstance(getattr(args, "profile", None), str) else []:
+        if not Path(path).is_file():
+            fail(f"argument profile: {'not a file' if Path(path).exists() else 'no such file'}: {path!r}")
+    if args.command == "compare":
+        missing = [p for p in getattr(args, "profiles", []) if not Path(p).is_file()]
+        if missing:
+            fail(f"argument profiles: no such profile file: {', '.join(missing)}")
+    if hasattr(args, "solver"):
+        from acopt.planning import PlannerUnavailable, get_planner, make_options
+
+        try:
+            spec = get_planner(args.solver)
+        except (PlannerUnavailable, ValueError) as e:
+            fail(f"argument --solver: {e}")
+        try:
+            make_options(spec, _options(args.option))
+        except (TypeError, ValueError) as e:
+            fail(f"argument --option: {e}")
+    if hasattr(args, "model"):
+        _check_model(args, fail)
+        if args.device == "cuda" and not getattr(args, "fake", False):
+            import torch
+
+            if not torch.cuda.is_available():
+                fail(f"argument --device: cuda is not available ({_no_cuda_reason()})")
+
+
+def _no_cuda_reason() -> str:
+    import torch
+
+    why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+    return f"{why}; torch {torch.__version__}"
+
+
+def _check_model(args, fail) -> None:
+    """The model exists and its factory takes the --model-arg names (values are the factory's to judge)."""
+    from acopt import models
+
+    if ":" in args.model:
+        try:
+            factory = models._load_factory(args.model)
+        except ValueError as e:
+            fail(f"argument model: {e}")
+    else:
+        factory = models.MODELS.get(args.model)
+        if factory is None:
+            known = ", ".join(models.names())
+            fail(f"argument model: unknown model {args.model!r}; built-ins: {known} (or package.module:factory)")
+    try:
+        sig = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return
+    try:
+        sig.bind(batch_size=args.batch_size, device=args.device, seed=args.seed, **_options(args.model_arg))
+    except TypeError as e:
+        own = {"batch_size", "device", "seed"}
+        kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        takes = [n for n, prm in sig.parameters.items() if n not in own and prm.kind in kinds]
+        fail(f"argument --model-arg: {e} ({args.model} takes: {', '.join(takes) or 'nothing'})")
+    for key, value in _options(args.model_arg).items():
+        prm = sig.parameters.get(key)
+        default = prm.default if prm is not None else None
+        if default is None or default is prm.empty:
+            continue
+        # The default's type says what the factory expects: 64 takes an int, 0.1 an int or float.
+        ok = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}.get(type(default))
+        if ok is not None and (not isinstance(value, ok) or (isinstance(value, bool) and type(default) is not bool)):
+            kind = {bool: "true or false", int: "an int", float: "a number", str: "a string"}[type(default)]
+            fail(f"argument --model-arg: {key}={value!r} should be {kind}, like {key}={default!r}")
 
 
 def cmd_solvers(args) -> int:
@@ -331,34 +516,100 @@ def _compare_module():
 
 def cmd_compare(args) -> int:
     """``acopt compare ...`` = ``python -m benchmarks.compare run ...``: every plan simulated, CSV/markdown/PNG."""
-    return _compare_module().cmd_run(args)
+    compare = _compare_module()
+    try:
+        return compare.cmd_run(args)
+    except ValueError as e:  # compare's own checks of its arguments (budgets, solvers, the corpus)
+        raise UsageError(str(e)) from e
+
+
+def _compare_unavailable(args) -> int:
+    try:
+        _compare_module()
+    except ImportError as e:
+        raise UsageError(str(e)) from e
+    raise AssertionError("benchmarks.compare imports now but did not when the parser was built")
 
 
 def cmd_bench(argv: list[str]) -> int:
     """``acopt bench ...`` = ``python -m benchmarks.harness ...`` (benchmarks/ of the repository)."""
     try:
-        from benchmarks.harness import main as bench_main
+        import benchmarks.harness as harness
     except ImportError:
         root = Path(__file__).resolve().parent.parent  # the repository of an editable install
         if not (root / "benchmarks" / "harness.py").exists():
-            raise ImportError("acopt bench needs the repository's benchmarks/ (run it from a source checkout)") from None
+            raise UsageError("acopt bench needs the repository's benchmarks/ (run it from a source checkout)") from None
         sys.path.insert(0, str(root))
-        from benchmarks.harness import main as bench_main
-    return bench_main(argv)
+        import benchmarks.harness as harness
+    # The harness parses its own arguments; check the device first, as the other commands do.
+    args, _ = harness.build_parser().parse_known_args(argv)  # --help and argparse errors exit here, as in the harness
+    device = str(getattr(args, "device", "cpu"))
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError(f"argument --device: {device} is not available ({_no_cuda_reason()})")
+    return harness.main(argv)
+
+
+def _user_error(e: BaseException) -> str | None:
+    """The one-line message for an error that is the user's to fix; None for anything else (a bug)."""
+    from acopt.planning import InfeasibleBudget, PlannerUnavailable
+    from acopt.schedule import InvalidPlan
+
+    if isinstance(e, (UsageError, InfeasibleBudget, PlannerUnavailable)):
+        return str(e)
+    if isinstance(e, InvalidPlan):
+        return f"invalid plan: {e}"
+    unsupported = tuple(  # only where already imported: acopt.tracer imports torch
+        getattr(sys.modules.get(m), "UnsupportedStep", None) for m in ("acopt.errors", "acopt.tracer")
+    )
+    if any(isinstance(t, type) and isinstance(e, t) for t in unsupported):
+        return f"unsupported training step: {e}"
+    if isinstance(e, (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return f"{e.strerror}: {e.filename}" if e.strerror and e.filename else str(e)
+    return None
+
+
+def _exit_status(e: SystemExit) -> int:
+    if e.code is None or isinstance(e.code, int):
+        return e.code or 0
+    print(e.code, file=sys.stderr)  # sys.exit("message"), as the interpreter would print it
+    return 1
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["bench"]:  # all its options belong to the harness's own parser
-        return cmd_bench(argv[1:])
-    args = build_parser().parse_args(argv)
-    from acopt.planning import InfeasibleBudget
-    from acopt.tracer import UnsupportedStep
+    """Run the command line; return the exit status (a user error is one line on stderr, status 2).
 
+    Errors that are the user's to fix (bad arguments, a missing file, a budget
+    below the floor, a step acopt cannot trace, a missing optional planner) are
+    reported as ``acopt: error: ...`` without a traceback; anything else is a
+    bug and propagates with its traceback. ``--debug`` shows every traceback.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = argv[:1] == ["--debug"]
     try:
+        if argv[int(debug) : int(debug) + 1] == ["bench"]:  # all its options belong to the harness's own parser
+            return cmd_bench(argv[int(debug) + 1 :])
+        args = build_parser().parse_args(argv)
+        debug = args.debug
+        check_args(args)
         return int(args.fn(args) or 0)
-    except (InfeasibleBudget, UnsupportedStep, ValueError, ImportError) as e:
-        console.print(f"[red]error:[/red] {e}")
+    except SystemExit as e:  # argparse's own errors (status 2, usage on stderr) and --help (0)
+        return _exit_status(e)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("acopt: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        message = None if debug else _user_error(e)
+        if message is None:
+            raise
+        parser = getattr(e, "parser", None)
+        if parser is not None:
+            parser.print_usage(sys.stderr)
+        print(f"{parser.prog if parser is not None else 'acopt'}: error: {message}", file=sys.stderr)
         return 2
 
 

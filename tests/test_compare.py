@@ -166,5 +166,5 @@ def test_cli_compare_reports_a_missing_profile(tmp_path, capsys):
     from acopt.cli import main
 
     assert main(["compare", str(tmp_path / "nope.profile.json"), "--out", str(tmp_path)]) == 2
-    assert "no such profile file" in capsys.readouterr().out
+    assert "no such profile file" in capsys.readouterr().err  # user errors go to stderr
     assert not (tmp_path / "compare.csv").exists()

@@ -88,7 +88,7 @@ def test_cli_plan_below_floor_says_so(tmp_path, capsys):
     assert main(["profile", "mlp", "--batch-size", "4", "--fake", "--model-arg", "width=16", "--out", str(out)]) == 0
     code = main(["plan", str(out / "mlp_bs4_width16_fake.profile.json"), "--budget", "1KiB", "--out", str(out)])
     assert code == 2
-    assert "floor" in capsys.readouterr().out
+    assert "floor" in capsys.readouterr().err  # user errors go to stderr (tests/test_cli.py)
 
 
 def test_cli_run_main_job(tmp_path, capsys):
