@@ -173,9 +173,9 @@ def _optimizer_hooks(optimizers: Sequence[torch.optim.Optimizer]) -> int:
 
 
 def _numeric(v: Any) -> bool:
-    from acopt.hyperparams import is_number
+    from acopt.hyperparams import live_value
 
-    return is_number(v) or (isinstance(v, tuple) and bool(v) and all(is_number(x) for x in v))
+    return live_value(v)
 
 
 def _same(a: Any, b: Any) -> bool:

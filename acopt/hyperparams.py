@@ -60,6 +60,16 @@ def is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def is_live(v: Any) -> bool:
+    """Floats of a param group are live inputs. Ints stay guarded values: code
+    uses them as counts (``range(ns_steps)``), which no float can stand in for."""
+    return isinstance(v, float)
+
+
+def live_value(v: Any) -> bool:
+    return is_live(v) or (isinstance(v, tuple) and bool(v) and all(is_live(x) for x in v))
+
+
 def evaluate(expr: Expr, values: Sequence[Any]) -> Any:
     if not isinstance(expr, tuple):
         return expr
@@ -237,9 +247,9 @@ class Book:
                 for key, v in group.items():
                     if key == "params":
                         continue
-                    if is_number(v):
+                    if is_live(v):
                         replaced[key] = self._hyper(InputKey(o, g, key), v)
-                    elif isinstance(v, tuple) and v and all(is_number(x) for x in v):
+                    elif isinstance(v, tuple) and v and all(is_live(x) for x in v):
                         replaced[key] = tuple(self._hyper(InputKey(o, g, key, i), x) for i, x in enumerate(v))
                 recording = _RecordingGroup({**group, **replaced}, read)
                 self._installed.append((o, g, group, replaced))

@@ -33,6 +33,7 @@ traces"):
 from __future__ import annotations
 
 import contextlib
+import copy as _copy
 import dataclasses
 import operator
 import time
@@ -45,7 +46,7 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.proxy_tensor import get_proxy_mode, make_fx
 from torch.nn.utils import stateless
-from torch.optim.optimizer import _get_scalar_dtype, register_optimizer_step_pre_hook
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils import _pytree as pytree
 
 from acopt.errors import GuardFailure, UnsupportedStep
@@ -189,9 +190,6 @@ class _Binding:
     reassigned_buffers: list[int]  # indices into buffers, in output order
     after_step: list[tuple[Any, tuple, dict]]  # scheduler.step(*args, **kwargs) calls train_step made
     guards: Guards
-
-
-_SUPPORTED_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
 
 
 class TracedStep:
@@ -363,8 +361,11 @@ def trace(
             seen.add(id(p))
     buffers = list(model.named_buffers())
 
-    added_state = [(opt, _init_optimizer_state(opt)) for opt in optimizers]
+    added_state = []
     try:
+        for opt in optimizers:
+            added_state.append((opt, _init_optimizer_state(opt)))
+            _check_state(opt, params)
         first = _trace(train_step, model, optimizer, optimizers, layout, batch_tensors, params, buffers, trace_id=0)
         second = _trace(train_step, model, optimizer, optimizers, layout, batch_tensors, params, buffers, trace_id=1)
         _same_literals(first, second)
@@ -455,10 +456,10 @@ def _check_supported(model, optimizer) -> None:
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     _check_not_distributed(model)
-    if type(optimizer) not in _SUPPORTED_OPTIMIZERS:
-        names = ", ".join(c.__name__ for c in _SUPPORTED_OPTIMIZERS)
+    if isinstance(optimizer, torch.optim.LBFGS):
         raise UnsupportedStep(
-            f"optimizer {type(optimizer).__name__} is not supported (supported: {names})"
+            "LBFGS re-evaluates the loss through a closure inside step(): one traced step cannot hold that; "
+            "use an optimizer whose step() needs no closure"
         )
     for i, group in enumerate(optimizer.param_groups):
         for flag in ("fused", "differentiable"):
@@ -469,7 +470,7 @@ def _check_supported(model, optimizer) -> None:
                 raise UnsupportedStep(
                     f"a tensor hyperparameter (param_groups[{i}][{key!r}]) is not supported: use a float"
                 )
-        if type(optimizer) is torch.optim.SGD and group["momentum"] and group["dampening"]:
+        if isinstance(optimizer, torch.optim.SGD) and group.get("momentum") and group.get("dampening"):
             fresh = any(
                 "momentum_buffer" not in optimizer.state.get(p, {}) for p in group["params"]
             )
@@ -502,30 +503,103 @@ def _check_not_distributed(model: torch.nn.Module) -> None:
 
 
 def _init_optimizer_state(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    """Create missing optimizer state as the optimizer would at its first step.
+    """Create missing optimizer state as the optimizer itself creates it lazily.
 
+    For each parameter without state, the optimizer's own ``step()`` runs on a
+    copy of it in a shadow optimizer whose state records the first value
+    assigned to each key: the value it initialises, before any update. Any
+    optimizer that follows the torch.optim contract works without a list of
+    special cases. The step runs twice, with zero and with unit gradients: a
+    first value that differs was computed from the gradient (the optimizer's
+    first step is special), and is refused, except SGD's momentum buffer,
+    which torch creates as ``clone(grad)`` and which a zero buffer reproduces
+    exactly when ``dampening == 0`` (checked in :func:`_check_supported`).
     Returns the parameters whose state was created (to undo on failure).
     """
     added = []
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            state = optimizer.state[p]
-            if state:
-                continue
-            if isinstance(optimizer, torch.optim.SGD):
-                if not group["momentum"]:
-                    optimizer.state.pop(p)
+    try:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if optimizer.state.get(p):
                     continue
-                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            else:  # Adam, AdamW
-                device = p.device if group["capturable"] else "cpu"
-                state["step"] = torch.zeros((), dtype=_get_scalar_dtype(), device=device)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if group["amsgrad"]:
-                    state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            added.append(p)
+                if isinstance(optimizer, torch.optim.SGD):
+                    if not group["momentum"]:
+                        continue
+                    first = {"momentum_buffer": torch.zeros_like(p, memory_format=torch.preserve_format)}
+                else:
+                    first = _first_state(optimizer, group, p, torch.zeros_like(p))
+                    again = _first_state(optimizer, group, p, torch.ones_like(p))
+                    for key, v in first.items():
+                        w = again.get(key)
+                        same = torch.equal(v, w) if isinstance(v, torch.Tensor) and isinstance(w, torch.Tensor) else v == w
+                        if not same:
+                            raise UnsupportedStep(
+                                f"{type(optimizer).__name__} computes its state {key!r} from the first gradient "
+                                "(its first step is special): take one eager step before tracing"
+                            )
+                if first:
+                    optimizer.state[p] = first
+                    added.append(p)
+    except BaseException:
+        for q in added:
+            optimizer.state.pop(q, None)
+        raise
     return added
+
+
+def _first_state(optimizer: torch.optim.Optimizer, group: dict, p: torch.Tensor, grad: torch.Tensor) -> dict:
+    copy_ = p.detach().clone().requires_grad_(p.requires_grad)
+    copy_.grad = grad
+    shadow = _copy.copy(optimizer)
+    shadow.param_groups = [{**group, "params": [copy_]}]
+    shadow.state = defaultdict(_FirstValues)
+    shadow._optimizer_step_pre_hooks = type(optimizer._optimizer_step_pre_hooks)()
+    shadow._optimizer_step_post_hooks = type(optimizer._optimizer_step_post_hooks)()
+    vars(shadow).pop("step", None)  # an LR scheduler's wrapper of the live optimizer's step
+    try:
+        with torch.no_grad():
+            type(optimizer).step(shadow)
+    except Exception as e:
+        raise UnsupportedStep(
+            f"could not create the state of {type(optimizer).__name__} as its first step would "
+            f"(ran step() on a copy of a parameter): {type(e).__name__}: {e}"
+        ) from e
+    return dict(shadow.state[copy_].first) if copy_ in shadow.state else {}
+
+
+class _FirstValues(dict):
+    """A parameter's optimizer state that remembers the first value set for each key."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+        self.first: dict[str, Any] = {}
+        self.update(*args, **kwargs)
+
+    def __setitem__(self, key, value):
+        if key not in self.first:
+            self.first[key] = value.clone() if isinstance(value, torch.Tensor) else _copy.deepcopy(value)
+        super().__setitem__(key, value)
+
+    def update(self, *args, **kwargs):
+        for k, v in dict(*args, **kwargs).items():
+            self[k] = v
+
+    def setdefault(self, key, default=None):
+        if key not in self:
+            self[key] = default
+        return self[key]
+
+
+def _check_state(optimizer: torch.optim.Optimizer, params: Sequence[tuple[str, torch.Tensor]]) -> None:
+    """Numbers in optimizer state would be baked into the graph: refused."""
+    names = {id(p): n for n, p in params}
+    for p, st in optimizer.state.items():
+        for key, v in st.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                raise UnsupportedStep(
+                    f"{type(optimizer).__name__} keeps its state {key!r} of {names.get(id(p), 'a parameter')!r} "
+                    "as a Python number, which a traced step would freeze: acopt needs tensor state"
+                )
 
 
 class _Counters:

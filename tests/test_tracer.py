@@ -193,7 +193,7 @@ def _untouched(model, optimizer, fn):
     [
         ("second-optimizer", "not in the optimizer argument"),
         ("data-dependent", "data-dependent"),
-        ("unknown-optimizer", "not supported"),
+        ("closure-optimizer", "closure"),
         ("no-zero-grad", "zero_grad"),
         ("backward-after-step", "backward\\(\\) after optimizer.step"),
         ("no-step", "never calls optimizer.step"),
@@ -225,8 +225,8 @@ def test_unsupported_constructs_raise_clear_errors(case, message):
             optimizer.step()
             return loss
 
-    elif case == "unknown-optimizer":
-        optimizer = torch.optim.RMSprop(model.parameters(), lr=0.1)
+    elif case == "closure-optimizer":
+        optimizer = torch.optim.LBFGS(model.parameters(), lr=0.1)
     elif case == "no-zero-grad":
 
         def step(model, optimizer, x, y):

@@ -1,0 +1,152 @@
+"""Every torch.optim optimizer whose step needs no closure, by one mechanism
+(issue "The training loops people write", item 3): state is created by the
+optimizer's own first step on a copy (acopt.tracer._init_optimizer_state),
+every tensor of it is a graph input, every float of every group is live."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import acopt
+
+O = torch.optim
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+
+
+def _batch(i=0):
+    g = torch.Generator().manual_seed(i)
+    return torch.randn(6, 8, generator=g), torch.randint(0, 4, (6,), generator=g)
+
+
+def train_step(model, optimizer, x, y):
+    optimizer.zero_grad()
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+# name -> (class, kwargs, bitwise): bitwise where the traced form is eager's own;
+# Adam-family optimizers are traced in their capturable form (a tensor step count),
+# equal to eager's default form at float rounding.
+CASES = {
+    "RMSprop": (O.RMSprop, dict(lr=0.01), True),
+    "RMSprop-centered-momentum": (O.RMSprop, dict(lr=0.01, centered=True, momentum=0.9), True),
+    "Adagrad": (O.Adagrad, dict(lr=0.1), True),
+    "Adadelta": (O.Adadelta, dict(lr=1.0, weight_decay=0.01), True),
+    "Rprop": (O.Rprop, dict(lr=0.01), True),
+    "Adamax": (O.Adamax, dict(lr=0.01), False),
+    "NAdam": (O.NAdam, dict(lr=0.01), False),
+    "NAdam-decoupled": (O.NAdam, dict(lr=0.01, decoupled_weight_decay=True, weight_decay=0.1), False),
+    "RAdam": (O.RAdam, dict(lr=0.01), False),
+    "ASGD": (O.ASGD, dict(lr=0.01), False),
+    "Adam-amsgrad": (O.Adam, dict(lr=0.01, amsgrad=True), False),
+}
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["for-loop", "foreach"])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_optimizer_equals_eager(name, foreach):
+    cls, kw, bitwise = CASES[name]
+    m1, m2 = _net(), _net()
+    o1, o2 = cls(m1.parameters(), foreach=foreach, **kw), cls(m2.parameters(), foreach=foreach, **kw)
+    sched1 = O.lr_scheduler.ExponentialLR(o1, 0.9)
+    sched2 = O.lr_scheduler.ExponentialLR(o2, 0.9)
+    step = acopt.trace(train_step, m1, o1, *_batch())
+    for i in range(5):
+        a, b = step(*_batch(i)), train_step(m2, o2, *_batch(i))
+        sched1.step()
+        sched2.step()
+        assert torch.equal(a, b) if bitwise else torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    for p, q in zip(m1.parameters(), m2.parameters(), strict=True):
+        if bitwise:
+            assert torch.equal(p, q)
+        else:
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        assert o1.state[p].keys() == o2.state[q].keys()
+
+
+@pytest.mark.skipif(not hasattr(O, "Muon"), reason="torch.optim.Muon is not in this torch")
+def test_muon_for_matrices_and_adamw_for_the_rest():
+    def both(model, optimizers, x, y):
+        for o in optimizers:
+            o.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        for o in optimizers:
+            o.step()
+        return loss.detach()
+
+    def make(m):
+        mats = [p for p in m.parameters() if p.ndim == 2]
+        rest = [p for p in m.parameters() if p.ndim != 2]
+        return [O.Muon(mats, lr=0.02), O.AdamW(rest, lr=1e-3)]
+
+    m1, m2 = _net(), _net()
+    o1, o2 = make(m1), make(m2)
+    step = acopt.trace(both, m1, o1, *_batch())
+    for i in range(4):
+        torch.testing.assert_close(step(*_batch(i)), both(m2, o2, *_batch(i)))
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_lbfgs_is_refused_and_state_untouched():
+    m = _net()
+    o = O.LBFGS(m.parameters())
+    with pytest.raises(acopt.UnsupportedStep, match="closure"):
+        acopt.trace(train_step, m, o, *_batch())
+    assert not o.state
+
+
+def test_a_third_party_optimizer_with_number_state_is_refused():
+    class Counting(O.Optimizer):
+        """Follows the torch.optim contract but counts steps in a Python int."""
+
+        def __init__(self, params, lr=0.1):
+            super().__init__(params, dict(lr=lr))
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    state = self.state[p]
+                    state["n"] = state.get("n", 0) + 1
+                    p.add_(p.grad, alpha=-group["lr"] / state["n"])
+
+    m = _net()
+    o = Counting(m.parameters())
+    with pytest.raises(acopt.UnsupportedStep, match="Python number"):
+        acopt.trace(train_step, m, o, *_batch())
+    assert not o.state
+
+
+def test_a_third_party_tensor_state_optimizer_works():
+    class SignSGD(O.Optimizer):
+        def __init__(self, params, lr=0.1, beta=0.9):
+            super().__init__(params, dict(lr=lr, beta=beta))
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    state = self.state[p]
+                    if not state:
+                        state["m"] = torch.zeros_like(p)
+                    state["m"].mul_(group["beta"]).add_(p.grad, alpha=1 - group["beta"])
+                    p.add_(state["m"].sign(), alpha=-group["lr"])
+
+    m1, m2 = _net(), _net()
+    o1, o2 = SignSGD(m1.parameters()), SignSGD(m2.parameters())
+    step = acopt.trace(train_step, m1, o1, *_batch())
+    for i in range(3):
+        assert torch.equal(step(*_batch(i)), train_step(m2, o2, *_batch(i)))
+    assert all(torch.equal(p, q) for p, q in zip(m1.parameters(), m2.parameters()))
