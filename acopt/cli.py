@@ -335,7 +335,9 @@ def cmd_run(args) -> int:
 
 # ---------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="acopt", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="acopt", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     p.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
     # Each subcommand takes --debug too; SUPPRESS keeps a top-level --debug from being overwritten.
     common = argparse.ArgumentParser(add_help=False)
@@ -343,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def add(name, **kw):
-        sp = sub.add_parser(name, parents=[common], **kw)
+        sp = sub.add_parser(name, parents=[common], allow_abbrev=False, **kw)
         sp.set_defaults(parser=sp)
         return sp
 

@@ -1115,7 +1115,7 @@ def _goals(ok: list[dict], caps: list[dict]) -> list[str]:
 
 
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = p or argparse.ArgumentParser(prog="python -m benchmarks.harness", description=__doc__,
+    p = p or argparse.ArgumentParser(prog="python -m benchmarks.harness", description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("models", nargs="*", help="models to run (built-ins or package.module:factory); or use --suite")
     p.add_argument("--suite", choices=sorted(SUITES), help="a predefined set of models, batch sizes and caps")
