@@ -103,11 +103,15 @@ def _build(args, *, device: str | None = None):
     from acopt import models
 
     try:
-        return models.build(
+        w = models.build(
             args.model, batch_size=args.batch_size, device=device or args.device, seed=args.seed, **_options(args.model_arg)
         )
     except (ImportError, ValueError) as e:  # a missing extra (transformers), or a model argument the factory refuses
         raise UsageError(f"cannot build model {args.model!r}: {e}") from e
+    try:
+        return w.with_loop(micro_batches=getattr(args, "micro_batches", 1), amp=getattr(args, "amp", None))
+    except ValueError as e:
+        raise UsageError(f"--micro-batches/--amp: {e}") from e
 
 
 def _load_profile(path: str):
@@ -143,6 +147,10 @@ def _plan(prof, args):
 def _prefix(args) -> str:
     """Output file stem: model, batch size and any --model-arg (seq_len=128 -> _seq_len128)."""
     extra = "".join(f"_{k}{_model_label(str(v))}" for k, v in sorted(_options(args.model_arg).items()))
+    if getattr(args, "micro_batches", 1) > 1:
+        extra += f"_mb{args.micro_batches}"
+    if getattr(args, "amp", None):
+        extra += f"_{args.amp}"
     return f"{_model_label(args.model)}_bs{args.batch_size}{extra}"
 
 
@@ -313,7 +321,8 @@ def cmd_run(args) -> int:
     w.optimizer.load_state_dict(snapshot[1])
 
     t_before, t_after = statistics.median(base_times), statistics.median(new_times)
-    table = Table(title=f"acopt run {args.model} (batch {args.batch_size}, {prof.meta.device}, budget {args.budget})")
+    loop = (f", {args.micro_batches} micro-batches" if args.micro_batches > 1 else "") + (f", autocast {args.amp}" if args.amp else "")
+    table = Table(title=f"acopt run {args.model} (batch {args.batch_size}{loop}, {prof.meta.device}, budget {args.budget})")
     table.add_column("")
     table.add_column("no recomputation", justify="right")
     table.add_column(f"acopt {args.solver}", justify="right")
@@ -354,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--batch-size", type=_positive_int, default=batch_default, help=f"(default {batch_default})")
         sp.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
         sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--micro-batches", type=_positive_int, default=1, metavar="K",
+                        help="train each step as K micro-batches of batch-size/K (gradient accumulation; default 1)")
+        sp.add_argument("--amp", choices=["bf16", "fp16"], help="forward and loss under torch.autocast in this dtype")
         sp.add_argument("--model-arg", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
                         help="extra model factory argument, e.g. seq_len=128 (repeatable)")  # fmt: skip
 

@@ -32,6 +32,7 @@ equal.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import math
@@ -61,37 +62,91 @@ class Workload:
         """One eager ``train_step`` on the example batch."""
         return self.train_step(self.model, self.optimizer, *self.batch)
 
+    def with_loop(self, *, micro_batches: int = 1, amp: str | None = None) -> Workload:
+        """The same workload trained with gradient accumulation and/or autocast
+        (:func:`loop_step`); the batch size stays the whole step's."""
+        if micro_batches == 1 and amp is None:
+            return self
+        loss_fn = _LOSSES.get(self.train_step)
+        if loss_fn is None:
+            raise ValueError(f"{self.name}: its train_step has no known loss function for --micro-batches/--amp")
+        rows = self.batch[0].shape[0]
+        if micro_batches < 1 or rows % micro_batches:
+            raise ValueError(f"batch size {rows} does not split into {micro_batches} equal micro-batches")
+        return dataclasses.replace(self, train_step=loop_step(loss_fn, micro_batches=micro_batches, amp=amp))
+
 
 # ---------------------------------------------------------------------------
 # train steps (plain eager functions, module level so they are importable)
 
 
-def classify_step(model, optimizer, x, y):
+def classify_loss(model, x, y):
     """``model(x)`` gives logits; cross-entropy against class labels ``y``."""
+    return F.cross_entropy(model(x), y)
+
+
+def hf_classify_loss(model, x, y):
+    """A transformers model: ``model(x).logits``; cross-entropy against ``y``."""
+    return F.cross_entropy(model(x).logits, y)
+
+
+def lm_loss(model, idx, targets):
+    """Language modelling: ``targets`` are ``idx`` shifted by one token."""
+    logits = model(idx)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def classify_step(model, optimizer, x, y):
     optimizer.zero_grad()
-    loss = F.cross_entropy(model(x), y)
+    loss = classify_loss(model, x, y)
     loss.backward()
     optimizer.step()
     return loss.detach()
 
 
 def hf_classify_step(model, optimizer, x, y):
-    """A transformers model: ``model(x).logits``; cross-entropy against ``y``."""
     optimizer.zero_grad()
-    loss = F.cross_entropy(model(x).logits, y)
+    loss = hf_classify_loss(model, x, y)
     loss.backward()
     optimizer.step()
     return loss.detach()
 
 
 def lm_step(model, optimizer, idx, targets):
-    """Language modelling: ``targets`` are ``idx`` shifted by one token."""
     optimizer.zero_grad()
-    logits = model(idx)
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    loss = lm_loss(model, idx, targets)
     loss.backward()
     optimizer.step()
     return loss.detach()
+
+
+_LOSSES = {classify_step: classify_loss, hf_classify_step: hf_classify_loss, lm_step: lm_loss}
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def loop_step(loss_fn: Callable[..., torch.Tensor], *, micro_batches: int = 1, amp: str | None = None):
+    """A train step as people write it around ``loss_fn(model, *batch)``:
+    gradient accumulation over ``micro_batches`` slices of the batch (one
+    ``backward()`` each, one optimizer step), the forward and loss under
+    ``torch.autocast`` when ``amp`` is ``"bf16"`` or ``"fp16"`` (no gradient
+    scaling)."""
+    if amp is not None and amp not in _AMP_DTYPES:
+        raise ValueError(f"amp must be one of {sorted(_AMP_DTYPES)}, got {amp!r}")
+
+    def train_step(model, optimizer, *batch):
+        optimizer.zero_grad()
+        total = torch.zeros(())
+        device = batch[0].device.type
+        for chunk in zip(*(b.chunk(micro_batches) for b in batch)):
+            ctx = torch.autocast(device, dtype=_AMP_DTYPES[amp]) if amp else contextlib.nullcontext()
+            with ctx:
+                loss = loss_fn(model, *chunk) / micro_batches
+            loss.backward()
+            total = total + loss.detach().float().cpu()
+        optimizer.step()
+        return total
+
+    return train_step
 
 
 # ---------------------------------------------------------------------------
