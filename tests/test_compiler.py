@@ -100,3 +100,19 @@ def test_cli_run_main_job(tmp_path, capsys):
     plan = json.loads((out / "mlp_bs512.greedy.plan.json").read_text())
     assert plan["solver"] == "greedy"
     assert (out / "mlp_bs512.rewritten.py").read_text().count("rc_") > 0
+
+
+def test_cli_run_with_micro_batches_and_bf16(tmp_path, capsys):
+    """The main job on k micro-batches under bf16 autocast: plan, bitwise check, measured == simulated."""
+    out = tmp_path / "run"
+    args = ["run", "transformer", "--batch-size", "16", "--micro-batches", "2", "--amp", "bf16", "--budget", "70%"]
+    code = main([*args, "--timing-steps", "1", "--steps", "2", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert "2 micro-batches, autocast bf16" in text
+    assert (out / "transformer_bs16_mb2_bf16.greedy.plan.json").exists()
+
+
+def test_cli_micro_batches_must_divide_the_batch(capsys):
+    assert main(["run", "mlp", "--batch-size", "10", "--micro-batches", "3"]) == 2
+    assert "equal micro-batches" in capsys.readouterr().err
