@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.fx.experimental.proxy_tensor import get_proxy_mode, make_fx
+from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing, get_proxy_mode, make_fx
 from torch.nn.utils import stateless
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils import _pytree as pytree
@@ -720,6 +720,71 @@ def _deferred_schedulers(actions: list, counters: _Counters):
         yield
 
 
+@contextlib.contextmanager
+def _graph_grad_scalers():
+    """``torch.amp.GradScaler`` traced as graph ops with no host sync.
+
+    Its scale and growth tracker are real tensors (created for real if the
+    scaler is fresh, as its first eager call would): graph constants, read
+    and updated in place at every call. The inf check and unscaling are
+    torch's own ops. The skipped step becomes a select: the optimizer steps,
+    then every parameter and state tensor it owns takes back its old value
+    where ``found_inf`` says so, which is eager's result (skipped or not). The
+    copies this needs live in the optimizer region and the memory model counts
+    them. ``update()`` must run inside the step (it resets the scaler's
+    per-step Python state).
+    """
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    from torch.amp.grad_scaler import GradScaler
+
+    real_scale = GradScaler.scale
+
+    def scale(self, outputs):
+        if self._enabled and self._scale is None:
+            device = next(iter(pytree.tree_leaves(outputs))).device
+            with unset_fake_temporarily(), disable_proxy_modes_tracing():  # real tensors, not graph nodes
+                self._lazy_init_scale_growth_tracker(device)
+        return real_scale(self, outputs)
+
+    def maybe_opt_step(self, optimizer, optimizer_state, *args, **kwargs):
+        found = sum(v.to(self._scale.device) for v in optimizer_state["found_inf_per_device"].values())
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        owned = params + [
+            v for p in params for v in optimizer.state.get(p, {}).values() if isinstance(v, torch.Tensor)
+        ]
+        with torch.no_grad():  # as the optimizer's own step
+            saved = [t.clone() for t in owned]
+        out = optimizer.step(*args, **kwargs)
+        with torch.no_grad():
+            skip = found > 0
+            for t, old in zip(owned, saved):
+                t.copy_(torch.where(skip, old, t))
+        return out
+
+    used: dict[int, GradScaler] = {}
+    real_unscale = GradScaler.unscale_
+
+    def unscale_(self, optimizer):
+        used[id(self)] = self
+        return real_unscale(self, optimizer)
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_patched(GradScaler, "scale", scale))
+        stack.enter_context(_patched(GradScaler, "unscale_", unscale_))
+        stack.enter_context(_patched(GradScaler, "_maybe_opt_step", maybe_opt_step))
+        try:
+            yield
+        finally:
+            stale = [sc for sc in used.values() if sc._per_optimizer_states]
+            for sc in stale:  # the traced step's found_inf tensors must not outlive the trace
+                sc._per_optimizer_states.clear()
+    if stale:
+        raise UnsupportedStep(
+            "train_step steps a GradScaler but never calls scaler.update(): call it inside the step, "
+            "after scaler.step(optimizer)"
+        )
+
+
 def _refuse_random_since(start: int, what: str) -> None:
     graph = _graph()
     if graph is None:
@@ -932,6 +997,7 @@ def _trace(train_step, model, optimizer_arg, optimizers, layout, batch, params, 
             stack.enter_context(_compiling_flag())
             stack.enter_context(_plain_checkpoints())
             stack.enter_context(_deferred_schedulers(after_step, counters))
+            stack.enter_context(_graph_grad_scalers())
             stack.enter_context(_dynamo_disabled())
             gm = make_fx(flat_step, tracing_mode="fake", _allow_non_fake_inputs=True)(*flat)
     except UnsupportedStep:
@@ -1023,19 +1089,24 @@ def _lift_constants(gm: fx.GraphModule) -> list[tuple[str, torch.Tensor]]:
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     anchor = placeholders[-1]
     constants = []
+    lifted: dict[str, fx.Node] = {}
     for n in list(graph.nodes):
         if n.op != "get_attr":
             continue
-        value = getattr(gm, n.target)
-        with graph.inserting_after(anchor):
-            ph = graph.placeholder(f"const__{n.target}")
-        ph.meta = dict(n.meta)
-        ph.meta[REGION_KEY] = Region.FORWARD
+        target = str(n.target)
+        ph = lifted.get(target)
+        if ph is None:
+            value = getattr(gm, target)
+            with graph.inserting_after(anchor):
+                ph = graph.placeholder(f"const__{target}")
+            ph.meta = dict(n.meta)
+            ph.meta[REGION_KEY] = Region.FORWARD
+            anchor = lifted[target] = ph
+            constants.append((target, value))
         n.replace_all_uses_with(ph)
         graph.erase_node(n)
-        anchor = ph
-        constants.append((str(n.target), value))
-        delattr(gm, n.target)
+    for target in lifted:
+        delattr(gm, target)
     if constants:
         graph.lint()
         gm.recompile()
