@@ -7,7 +7,8 @@ inside one step); the forward under bf16 autocast; both. For each: the
 no-recompute peak (measured by the profiler's storage accounting, equal to
 the simulator), the peak of acopt's plan at ``--budget`` (simulated and
 measured), and the median step time of the plain traced step and the
-rewritten one, timed in alternation. Prints a markdown table.
+rewritten one, timed in alternation, and how many picks are casts
+(autocast's low-precision copies). Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ def _time(step, batch) -> float:
     t = time.perf_counter()
     step(*batch)
     return time.perf_counter() - t
+
+
+def _creator_op(prof, activation: str) -> str:
+    return prof.node_by_name[prof.storage_by_name[activation].node].op
 
 
 def row(model: str, batch_size: int, budget: str, micro_batches: int, amp: str | None, repeats: int) -> dict:
@@ -49,6 +54,7 @@ def row(model: str, batch_size: int, budget: str, micro_batches: int, amp: str |
         "step, no plan": f"{statistics.median(plain) * 1e3:.1f} ms",
         "step, plan": f"{statistics.median(planned) * 1e3:.1f} ms",
         "recomputed": f"{len(plan.recompute)} / {len(prof.activations)}",
+        "of which casts": str(sum(1 for a in plan.recompute if _creator_op(prof, a) == "aten._to_copy.default")),
     }
 
 
