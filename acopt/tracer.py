@@ -2,30 +2,33 @@
 
 ``acopt.trace(train_step, model, optimizer, *batch)`` runs the user's eager
 ``train_step`` under ``make_fx`` with fake tensors. Parameters, buffers,
-optimizer state, the batch, the graph's tensor constants and the numbers of
-the optimizer's param groups become the graph's placeholders; the graph
-returns the loss, the gradients left on the parameters after the step, and
-the buffers the step reassigns. The forward/backward boundary is found
-without any marker from the user: ``torch.autograd.backward`` is wrapped
-while tracing, and the graph's length when it starts and ends splits the
-nodes into regions.
+optimizer state, the batch's tensors, the graph's tensor constants and the
+floats of the optimizers' param groups become the graph's placeholders; the
+graph returns what ``train_step`` returned, the gradients left on the
+parameters after the step, and the buffers the step reassigns. The
+forward/backward boundary is found without any marker from the user:
+``torch.autograd.backward`` is wrapped while tracing, and the graph's length
+when each call starts and ends splits the nodes into regions (several calls:
+micro-batches of gradient accumulation).
 
 What the graph assumed about the live program is either a graph input (read
 at every call) or a guard (checked at every call, :mod:`acopt.guards`);
 never a silent constant. Notes on faithfulness (docs/usage.md, "What acopt
 traces"):
 
-* Optimizer state is created before tracing, as the optimizer would create it
-  lazily at its first step (zeros, step 0), so the graph is the steady-state
-  step. Adam and AdamW are traced in their ``capturable`` form (the step count
-  is a tensor); the numbers equal eager ``capturable=True`` bitwise and eager
-  default Adam to float rounding.
+* Optimizer state is created before tracing by the optimizer's own first
+  step on a copy (:func:`_init_optimizer_state`), so the graph is the
+  steady-state step. Optimizers with a ``capturable`` option are traced in
+  that form (the step count is a tensor): bitwise equal to eager
+  ``capturable=True``, to eager's default form at float rounding.
 * Hyperparameters (``lr``, ``betas``, ...) are live inputs
   (:mod:`acopt.hyperparams`): the step is traced twice with different
-  sentinel values, and a step whose graphs differ elsewhere is refused.
+  sentinel values, and a step whose graphs hold different literals is refused.
 * User ``torch.utils.checkpoint`` regions are traced as plain code: acopt's
   own plan decides what to recompute, and their random ops run once, in the
   forward, drawing what eager draws.
+* ``scheduler.step()`` inside the step runs on the host after the graph;
+  ``GradScaler`` is traced as graph ops (the skipped step is a select).
 * A step starts from no gradients (``train_step`` must call ``zero_grad``);
   gradient accumulation across calls is refused, not silently changed.
 """
