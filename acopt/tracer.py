@@ -369,8 +369,10 @@ def trace(
         for opt in optimizers:
             added_state.append((opt, _init_optimizer_state(opt)))
             _check_state(opt, params)
+        host_rng = _HostRng.capture()
         first = _trace(train_step, model, optimizer, optimizers, layout, batch_tensors, params, buffers, trace_id=0)
         second = _trace(train_step, model, optimizer, optimizers, layout, batch_tensors, params, buffers, trace_id=1)
+        host_rng.check_unused()
         _same_literals(first, second)
         guards = Guards.record(
             model,
@@ -445,6 +447,52 @@ def _same_literals(a: _Traced, b: _Traced) -> None:
             "math.sqrt(lr) or torch.tensor(lr) in the step): tracing with another value changed "
             f"a literal of {where}"
         )
+
+
+@dataclasses.dataclass(slots=True)
+class _HostRng:
+    """Python's and NumPy's global generators: a step that draws from them (a
+    random crop decided by ``random.random()``) would have its draw frozen
+    into the graph, so it is refused, and the generators are put back."""
+
+    python: Any
+    numpy: Any
+
+    @classmethod
+    def capture(cls) -> _HostRng:
+        import random
+
+        try:
+            import numpy
+        except ImportError:  # pragma: no cover
+            return cls(random.getstate(), None)
+        return cls(random.getstate(), numpy.random.get_state())
+
+    def check_unused(self) -> None:
+        import random
+
+        now = _HostRng.capture()
+        used = []
+        if now.python != self.python:
+            used.append("random")
+            random.setstate(self.python)
+        if self.numpy is not None and not _same_numpy_state(now.numpy, self.numpy):
+            import numpy
+
+            used.append("numpy.random")
+            numpy.random.set_state(self.numpy)
+        if used:
+            raise UnsupportedStep(
+                f"train_step draws from Python's {' and '.join(used)} generator: a traced step would "
+                "repeat the draw made while tracing at every step. Draw with torch's generator "
+                "(torch.rand, torch.randint) inside the step, or outside it"
+            )
+
+
+def _same_numpy_state(a, b) -> bool:
+    import numpy
+
+    return a[0] == b[0] and numpy.array_equal(a[1], b[1]) and tuple(a[2:]) == tuple(b[2:])
 
 
 def _unwrap_compiled(model: torch.nn.Module) -> torch.nn.Module:

@@ -269,3 +269,26 @@ def test_batch_shape_change_is_an_error():
     step = acopt.trace(train_step, m, opt, *_batch())
     with pytest.raises(acopt.GuardFailure, match="trace again"):
         step(torch.randn(3, 8), torch.randint(0, 4, (3,)))
+
+
+@pytest.mark.parametrize("source", ["random", "numpy"])
+def test_host_random_draws_are_refused_and_generators_restored(source):
+    import random
+
+    import numpy as np
+
+    def step(model, optimizer, x, y):
+        optimizer.zero_grad()
+        flip = random.random() < 0.5 if source == "random" else np.random.rand() < 0.5
+        loss = F.cross_entropy(model(x.flip(0) if flip else x), y)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    random.seed(3)
+    np.random.seed(3)
+    before = (random.getstate(), np.random.get_state()[1].copy())
+    m = _net()
+    with pytest.raises(UnsupportedStep, match="draws from Python's"):
+        acopt.trace(step, m, torch.optim.SGD(m.parameters(), lr=0.1), *_batch())
+    assert random.getstate() == before[0] and np.array_equal(np.random.get_state()[1], before[1])
