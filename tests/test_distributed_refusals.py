@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import acopt
+from tests import tiny
 
 
 @pytest.fixture(scope="module")
@@ -28,25 +29,18 @@ def group():
 
 
 def _net():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    return tiny.net(act=nn.ReLU)
 
 
 def _batch():
-    g = torch.Generator().manual_seed(0)
-    return torch.randn(6, 8, generator=g), torch.randint(0, 4, (6,), generator=g)
+    return tiny.batch(0)
 
 
 def _state(model, optimizer):
     return {k: v.clone() for k, v in model.state_dict().items()}, len(optimizer.state)
 
 
-def _step(model, optimizer, x, y):
-    optimizer.zero_grad()
-    loss = F.cross_entropy(model(x), y)
-    loss.backward()
-    optimizer.step()
-    return loss.detach()
+_step = tiny.train_step
 
 
 def test_ddp_model_is_refused(group):

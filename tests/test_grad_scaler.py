@@ -6,20 +6,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import acopt
+from tests import tiny
 
 
 def _net():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 4))
+    return tiny.net(width=32)
 
 
 def _batch(i=0):
-    g = torch.Generator().manual_seed(i)
-    return torch.randn(16, 8, generator=g), torch.randint(0, 4, (16,), generator=g)
+    return tiny.batch(i, rows=16)
 
 
 def _step_with(scaler):

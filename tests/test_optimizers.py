@@ -7,30 +7,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import acopt
+from tests.tiny import batch as _batch
+from tests.tiny import net as _net
+from tests.tiny import train_step
 
 O = torch.optim
-
-
-def _net():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
-
-
-def _batch(i=0):
-    g = torch.Generator().manual_seed(i)
-    return torch.randn(6, 8, generator=g), torch.randint(0, 4, (6,), generator=g)
-
-
-def train_step(model, optimizer, x, y):
-    optimizer.zero_grad()
-    loss = F.cross_entropy(model(x), y)
-    loss.backward()
-    optimizer.step()
-    return loss.detach()
 
 
 # name -> (class, kwargs, bitwise): bitwise where the traced form is eager's own;

@@ -6,20 +6,11 @@ import gc
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import acopt
-
-
-def _net():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
-
-
-def _batch(i=0):
-    g = torch.Generator().manual_seed(i)
-    return torch.randn(6, 8, generator=g), torch.randint(0, 4, (6,), generator=g)
+from tests.tiny import batch as _batch
+from tests.tiny import net as _net
 
 
 def _optimizers(model):
