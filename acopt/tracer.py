@@ -513,7 +513,7 @@ def _check_supported(model, optimizer) -> None:
             "use an optimizer whose step() needs no closure"
         )
     for i, group in enumerate(optimizer.param_groups):
-        for flag in ("fused", "differentiable"):
+        for flag in ("differentiable",):
             if group.get(flag):
                 raise UnsupportedStep(f"{type(optimizer).__name__}({flag}=True) in param group {i} is not supported")
         for key, value in group.items():

@@ -134,3 +134,27 @@ def test_a_third_party_tensor_state_optimizer_works():
     for i in range(3):
         assert torch.equal(step(*_batch(i)), train_step(m2, o2, *_batch(i)))
     assert all(torch.equal(p, q) for p, q in zip(m1.parameters(), m2.parameters()))
+
+
+@pytest.mark.parametrize(
+    "cls, kw",
+    [
+        (O.SGD, dict(lr=0.1, momentum=0.9)),
+        (O.Adam, dict(lr=1e-2)),
+        (O.AdamW, dict(lr=1e-2, weight_decay=0.1)),
+        (O.Adagrad, dict(lr=1e-2)),
+    ],
+    ids=["SGD", "Adam", "AdamW", "Adagrad"],
+)
+def test_fused_optimizers_equal_eager_bitwise(cls, kw):
+    """fused=True traces to torch's fused kernel (one op for all parameters), fed the live hyperparameters."""
+    m1, m2 = _net(), _net()
+    o1, o2 = cls(m1.parameters(), fused=True, **kw), cls(m2.parameters(), fused=True, **kw)
+    s1, s2 = O.lr_scheduler.ExponentialLR(o1, 0.8), O.lr_scheduler.ExponentialLR(o2, 0.8)
+    step = acopt.trace(train_step, m1, o1, *_batch())
+    assert any("_fused_" in str(n.target) for n in step.graph.nodes)
+    for i in range(4):
+        assert torch.equal(step(*_batch(i)), train_step(m2, o2, *_batch(i)))
+        s1.step()
+        s2.step()
+    assert all(torch.equal(p, q) for p, q in zip(m1.parameters(), m2.parameters()))

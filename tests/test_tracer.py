@@ -197,7 +197,7 @@ def _untouched(model, optimizer, fn):
         ("no-zero-grad", "zero_grad"),
         ("backward-after-step", "backward\\(\\) after optimizer.step"),
         ("no-step", "never calls optimizer.step"),
-        ("fused", "fused=True"),
+        ("differentiable", "differentiable=True"),
     ],
 )
 def test_unsupported_constructs_raise_clear_errors(case, message):
@@ -253,8 +253,8 @@ def test_unsupported_constructs_raise_clear_errors(case, message):
             loss.backward()
             return loss
 
-    elif case == "fused":
-        optimizer = torch.optim.Adam(model.parameters(), lr=0.1, fused=True)
+    elif case == "differentiable":
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.1, differentiable=True)
 
     def attempt():
         with pytest.raises(UnsupportedStep, match=message):
