@@ -250,7 +250,7 @@ def _most_recomputed(profile: Profile) -> frozenset[str]:
     try:
         peak_bytes(profile, everything)
     except InvalidPlan:
-        from acopt.greedy import pick_order
+        from acopt.mu_two import pick_order
 
         return frozenset(pick_order(profile).order)
     return everything
@@ -387,8 +387,10 @@ def _load_builtins() -> None:
     if not _BUILTINS_LOADED:
         _BUILTINS_LOADED = True
         from acopt.greedy import SPEC as greedy
+        from acopt.mu_two import SPEC as mu_two
 
         _REGISTRY.setdefault(greedy.name, greedy)
+        _REGISTRY.setdefault(mu_two.name, mu_two)
 
 
 def _load_entry_points(name: str | None = None) -> None:

@@ -343,3 +343,28 @@ def unreplayable_chain_profile() -> Profile:
         storages.append(StorageRecord(name=name, bytes=nbytes, node=name))
     nodes.append(NodeRecord(name="output", op="output", region=O, inputs=("loss", "ga"), recomputable=False))
     return Profile(nodes=tuple(nodes), storages=tuple(storages), meta=ProfileMeta(model="contract"))
+
+
+def worked_example_profile() -> Profile:
+    """docs/memory-model.md, "A worked example": x (100 B) and w (10 B);
+    a = mm(x, w) 400 B, 2 ms; b = relu(a) 400 B, 1 ms; loss = sum(b) 4 B;
+    gb = relu_bw(loss, b), ga = mm_bw(gb, a) 100 B each; gw = mm_bw(ga, x) 10 B;
+    step = w.add_(gw). Candidates: a and b."""
+    b = _Builder()
+    for name, nbytes in (("x", 100), ("w", 10)):
+        b.node(name, "placeholder", F, storages=(name,), allocates=(name,))
+        b.alloc(name, nbytes, name)
+
+    def op(name, region, inputs, nbytes, time_s=0.0):
+        b.node(name, name, region, inputs=inputs, storages=(name,), allocates=(name,), time_s=time_s)
+        b.alloc(name, nbytes, name)
+
+    op("a", F, ("x", "w"), 400, 2e-3)
+    op("b", F, ("a",), 400, 1e-3)
+    op("loss", F, ("b",), 4)
+    op("gb", B, ("loss", "b"), 100)
+    op("ga", B, ("gb", "a"), 100)
+    op("gw", B, ("ga", "x"), 10)
+    b.node("step", "add_", O, inputs=("w", "gw"), storages=("w",), mutates=("w",), recomputable=False)
+    b.node("output", "output", O, inputs=("loss",))
+    return b.profile()
