@@ -39,6 +39,9 @@ def tensor_meta(t: torch.Tensor) -> tuple:
     return (t.shape, t.dtype, t.device, t.stride(), t.requires_grad)
 
 
+_SETTINGS = (bool, int, float, str, type(None))
+
+
 def _hooks(m: torch.nn.Module) -> int:
     return (
         len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
@@ -52,6 +55,9 @@ class Guards:
     autocast: tuple
     # (name, module, training, #params, #buffers, #children, #hooks)
     modules: list[tuple[str, torch.nn.Module, bool, int, int, int, int]]
+    # (name, module, attribute names, their values): plain Python settings model
+    # code may read in forward (Dropout.p, a temperature, eps), baked into the graph
+    settings: list[tuple[str, torch.nn.Module, tuple[str, ...], tuple]]
     # (parent, attribute, child) for every submodule edge
     children: list[tuple[torch.nn.Module, str, torch.nn.Module, str]]
     # (name, owner, attribute, tensor, requires_grad)
@@ -79,7 +85,11 @@ class Guards:
     ) -> Guards:
         modules = []
         children = []
+        settings = []
         for name, m in model.named_modules(remove_duplicate=False):
+            keys = tuple(k for k, v in vars(m).items() if k != "training" and isinstance(v, _SETTINGS))
+            if keys:
+                settings.append((name or "model", m, keys, tuple(vars(m)[k] for k in keys)))
             modules.append(
                 (name or "model", m, m.training, len(m._parameters), len(m._buffers), len(m._modules), _hooks(m))
             )
@@ -99,6 +109,7 @@ class Guards:
             grad_enabled=True,
             autocast=autocast_state(),
             modules=modules,
+            settings=settings,
             children=children,
             params=[(n, *_owner(model, n), p, p.requires_grad) for n, p in params],
             buffers=[(n, *_owner(model, n), None if n in reassigned else b) for n, b in buffers],
@@ -126,6 +137,15 @@ class Guards:
             if (len(m._parameters), len(m._buffers), len(m._modules), _hooks(m)) != (n_p, n_b, n_c, hooks):
                 raise GuardFailure(
                     f"module {name!r} gained or lost a parameter, buffer, submodule or hook since tracing; trace again"
+                )
+        for name, m, keys, values in self.settings:
+            d = vars(m)
+            now = tuple(map(d.get, keys))
+            if now != values:
+                key, old, new = next((k, a, b) for k, a, b in zip(keys, values, now) if a != b)
+                raise GuardFailure(
+                    f"module {name!r} attribute {key!r} is {new!r}, {old!r} when traced (model code may "
+                    "read it in forward, and the traced step holds the old value); trace again"
                 )
         for parent, attr, child, name in self.children:
             if parent._modules.get(attr) is not child:

@@ -61,6 +61,12 @@ __all__ = ["GuardFailure", "TracedStep", "UnsupportedStep", "trace"]
 
 REGION_KEY = "acopt_region"
 
+#: Kernels whose outputs depend on grad mode: a step holding one runs with grad
+#: mode on, as traced (the RNN kernels return their workspace only then).
+GRAD_MODE_OPS = frozenset(
+    {"aten.mkldnn_rnn_layer.default", "aten._cudnn_rnn.default", "aten.miopen_rnn.default"}
+)
+
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class InputSpec:
@@ -193,6 +199,7 @@ class _Binding:
     reassigned_buffers: list[int]  # indices into buffers, in output order
     after_step: list[tuple[Any, tuple, dict]]  # scheduler.step(*args, **kwargs) calls train_step made
     guards: Guards
+    grad_mode: bool  # the graph holds a kernel whose outputs depend on grad mode (GRAD_MODE_OPS)
 
 
 class TracedStep:
@@ -285,7 +292,9 @@ class TracedStep:
         tensors = [*params, *buffers, *states, *batch_tensors, *(t for _, t in b.constants)]
         b.guards.check_inputs(tensors)
         hypers = b.read_hypers([o.param_groups for o in optimizers])
-        return [t.detach() if t.requires_grad else t for t in tensors] + hypers
+        if b.grad_mode:
+            tensors = [t.detach() if t.requires_grad else t for t in tensors]
+        return tensors + hypers
 
     def __call__(self, *batch: Any) -> Any:
         return self.run(self.flat_inputs(*batch))
@@ -296,9 +305,9 @@ class TracedStep:
         params = [p for _, p in b.params]
         for p in params:
             p.grad = None  # a step starts from no gradients (train_step zeroes them)
-        # Grad mode as traced: some kernels' outputs depend on it (the mkldnn RNN's
-        # workspace); no input requires grad, so autograd records nothing.
-        with torch.enable_grad():
+        # Grad mode as traced where a kernel's outputs depend on it (the mkldnn RNN's
+        # workspace; then no input requires grad, so autograd records nothing).
+        with torch.enable_grad() if b.grad_mode else torch.no_grad():
             out = self.graph_module(*inputs)
         result = pytree.tree_unflatten(list(out[: b.n_out]), b.out_spec)
         grads = out[b.n_out : b.n_out + len(b.grad_params)]
@@ -420,6 +429,7 @@ def trace(
             reassigned_buffers=first.reassigned,
             after_step=first.after_step,
             guards=guards,
+            grad_mode=any(str(n.target) in GRAD_MODE_OPS for n in gm.graph.nodes),
         ),
         provenance={
             "stage": "trace",

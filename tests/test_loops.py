@@ -876,3 +876,27 @@ def test_torch_compiled_model_is_traced_through_the_original():
     o1, o2 = _sgd(m1), _sgd(m2)
     step = acopt.trace(train_step, compiled, o1, *_batch(0))
     _in_lockstep(step, m1, o1, m2, o2, steps=3)
+
+
+def test_a_module_setting_changed_after_tracing_is_guarded():
+    """Dropout.p, a temperature, eps: plain attributes model code reads in forward
+    are baked into the graph, so a change is a GuardFailure (compile: a retrace)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Dropout(0.1), nn.Tanh(), nn.Linear(16, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(6, 8), torch.randint(0, 4, (6,))
+
+    def step(model, optimizer, x, y):
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    traced = acopt.trace(step, model, opt, x, y)
+    traced(x, y)
+    model[1].p = 0.5
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(acopt.GuardFailure, match="attribute 'p' is 0.5, 0.1 when traced"):
+        traced(x, y)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
