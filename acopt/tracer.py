@@ -380,6 +380,14 @@ def trace(
             _check_state(opt, params)
         host_rng = _HostRng.capture()
         first = _trace(train_step, model, optimizer, optimizers, layout, batch_tensors, params, buffers, trace_id=0)
+        # Eager creates state only for parameters that get a gradient: take back
+        # what was made for the others (unused branches) and trace again.
+        with_grad = {id(params[i][1]) for i in first.grad_params}
+        unused = [(opt, p) for opt, added in added_state for p in added if id(p) not in with_grad]
+        if unused:
+            for opt, p in unused:
+                opt.state.pop(p, None)
+            first = _trace(train_step, model, optimizer, optimizers, layout, batch_tensors, params, buffers, trace_id=0)
         second = _trace(train_step, model, optimizer, optimizers, layout, batch_tensors, params, buffers, trace_id=1)
         host_rng.check_unused()
         _same_literals(first, second)
@@ -581,7 +589,7 @@ def _init_optimizer_state(optimizer: torch.optim.Optimizer) -> list[torch.Tensor
     try:
         for group in optimizer.param_groups:
             for p in group["params"]:
-                if optimizer.state.get(p):
+                if optimizer.state.get(p) or not p.requires_grad:  # eager: state only where a gradient comes
                     continue
                 if isinstance(optimizer, torch.optim.SGD):
                     if not group["momentum"]:

@@ -158,3 +158,27 @@ def test_fused_optimizers_equal_eager_bitwise(cls, kw):
         s1.step()
         s2.step()
     assert all(torch.equal(p, q) for p, q in zip(m1.parameters(), m2.parameters()))
+
+
+def test_state_only_for_parameters_that_get_a_gradient():
+    """Frozen parameters and parameters of an unused branch get no optimizer state, as in eager."""
+
+    class Branchy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.used = torch.nn.Linear(8, 4)
+            self.unused = torch.nn.Linear(8, 4)
+            self.frozen = torch.nn.Parameter(torch.ones(4), requires_grad=False)
+
+        def forward(self, x):
+            return self.used(x) * self.frozen
+
+    m1, m2 = Branchy(), Branchy()
+    o1, o2 = O.Adam(m1.parameters(), lr=1e-2), O.Adam(m2.parameters(), lr=1e-2)
+    step = acopt.trace(train_step, m1, o1, *_batch())
+    for i in range(2):
+        torch.testing.assert_close(step(*_batch(i)), train_step(m2, o2, *_batch(i)))
+    named1 = {id(p): n for n, p in m1.named_parameters()}
+    named2 = {id(p): n for n, p in m2.named_parameters()}
+    assert sorted(named1[id(p)] for p in o1.state) == sorted(named2[id(p)] for p in o2.state) == ["used.bias", "used.weight"]
