@@ -212,9 +212,9 @@ def test_a_budget_that_holds_the_peak_gets_the_empty_plan():
 
 def test_plan_carries_its_provenance():
     profile = chain_profile(6, batch_size=16)
-    p = plan(profile, budget="80%", search="linear")
+    p = plan(profile, budget="80%", max_simulations=8)
     assert p.solver == "greedy" and p.batch_size == 16 and p.profile_id == profile_fingerprint(profile)
-    assert dict(p.options) == {"search": "linear", "min_time_s": 1e-12}
+    assert dict(p.options) == {"max_simulations": 8, "kicks": 8, "min_time_s": 1e-12}
     assert p.budget_bytes == resolve_budget(profile, "80%") and p.fits
     assert p.solve_time_s >= 0
 
