@@ -28,6 +28,7 @@ class CorpusEntry:
     seq_len: int | None = None
     fake: bool = False
     note: str = ""
+    factory: str = ""  # an acopt.models spec "package.module:factory" (default: the built-in ``model``)
 
     @property
     def stem(self) -> str:
@@ -56,6 +57,15 @@ CORPUS: tuple[CorpusEntry, ...] = (
     CorpusEntry("resnet152", 64, fake=True, note="fake tensors: exact memory, estimated times"),
     CorpusEntry("bert-base", 16, 512, fake=True, note="fake tensors: exact memory, estimated times"),
     CorpusEntry("gpt2", 8, 1024, fake=True, note="fake tensors: exact memory, estimated times"),
+    *(
+        CorpusEntry(f"hf-{arch}", 8, None if arch in ("vit", "convnext") else 64, factory=f"benchmarks.hf_models:{arch}",
+                    note=f"transformers {kind}, tiny config (benchmarks/hf_models.py), measured on CPU")
+        for arch, kind in (
+            ("gpt2", "decoder"), ("llama", "decoder"), ("opt", "decoder"), ("bloom", "decoder"),
+            ("mixtral", "MoE decoder"), ("bert", "encoder"), ("roberta", "encoder"), ("distilbert", "encoder"),
+            ("electra", "encoder"), ("vit", "vision"), ("convnext", "vision"),
+        )
+    ),  # fmt: skip
 )
 
 GZIP_OVER_BYTES = 1_000_000
@@ -68,8 +78,10 @@ def build_profile(entry: CorpusEntry, *, warmup: int = 1, iterations: int = 3):
     import acopt
     from acopt import models
 
-    kw = {} if entry.seq_len is None else {"seq_len": entry.seq_len}
-    if entry.fake:
+    kw = {} if entry.seq_len is None or entry.factory else {"seq_len": entry.seq_len}
+    if entry.factory:  # its own fixed shapes; the stem's seq_len only names them
+        w = models.build(entry.factory, batch_size=entry.batch_size, device="cpu", seed=0)
+    elif entry.fake:
         with torch.device("meta"):
             w = models.build(entry.model, batch_size=entry.batch_size, device="meta", seed=0, **kw)
     else:
@@ -115,7 +127,7 @@ def corpus_files(directory: Path = PROFILES_DIR) -> list[Path]:
 
 # ---------------------------------------------------------------------------
 # The comparison
-ACOPT_SOLVERS = ("greedy", "ilp", "cpsat")
+ACOPT_SOLVERS = ("greedy", "mu-two", "ilp", "cpsat")  # greedy: the default; mu-two: the mu-TWO greedy it replaced
 TORCH_SOLVERS = ("torch-greedy", "torch-dp", "torch-ilp")
 SOLVERS = ACOPT_SOLVERS + TORCH_SOLVERS
 EXACT = ("ilp", "cpsat")
@@ -348,7 +360,7 @@ def summary_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-MARKERS = {"greedy": "o", "ilp": "s", "cpsat": "D", "torch-greedy": "^", "torch-dp": "v", "torch-ilp": "P"}
+MARKERS = {"greedy": "o", "mu-two": "X", "ilp": "s", "cpsat": "D", "torch-greedy": "^", "torch-dp": "v", "torch-ilp": "P"}
 
 
 def pareto_plot(rows: list[dict], path: Path, title: str) -> None:
