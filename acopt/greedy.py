@@ -837,11 +837,13 @@ class _Search:
             self.counts["fallback"] = 1
         self.allowance = self.simulations + self.options.max_simulations
         self.prune()
-        self.exchange()
-        self.prune()
-        while self.simulations < self.allowance and self.kick():
+        while True:
+            before = frozenset(self.plan.recompute)
             self.exchange()
-            self.prune()
+            if self.plan.recompute != before:
+                self.prune()
+            if not (self.kicks and self.simulations < self.allowance and self.kick()):
+                break
 
 
 @contextlib.contextmanager
