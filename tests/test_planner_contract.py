@@ -1,14 +1,16 @@
 """One contract for every registered planner (STYLE point 11).
 
-Every planner in :func:`acopt.planning.planners` (greedy, ilp, cpsat, and any
-plugin) runs the same cases:
+Every planner in :func:`acopt.planning.planners` (greedy, mu-two, ilp,
+cpsat, and any plugin) runs the same cases:
 
 * a table of small hand-built profiles whose optimal recompute cost at a budget
   was worked out by hand (the derivations are in the builders' docstrings):
-  exact planners must hit the optimum and prove it, every planner must fit;
+  exact planners must hit the optimum and prove it, every planner must fit,
+  and a heuristic returns the same plan on every run;
 * hypothesis profiles (tests/strategies.py): the exact planners agree on the
-  optimal cost, it is never worse than the greedy's, it never rises when the
-  budget grows, and they agree on which budgets no plan fits.
+  optimal cost, it is never worse than any heuristic's (greedy, mu-two), it
+  never rises when the budget grows, and they agree on which budgets no plan
+  fits; every heuristic's plan fits and is the same on every run.
 
 The simulator (``acopt.simulate``) is the referee throughout.
 """
@@ -268,6 +270,37 @@ def test_table(name: str, case: Case):
         assert result.stats is not None and result.stats.variables and result.stats.constraints
     else:
         assert result.recompute_time_s >= case.optimum * (1 - 1e-9)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if not c.below_floor], ids=lambda c: c.name)
+@pytest.mark.parametrize("name", PLANNERS)
+def test_same_plan_on_every_run(name: str, case: Case):
+    """A fresh profile object each time, so nothing is cached: a heuristic
+    returns the same plan, an exact planner the same (optimal) cost."""
+    first, again = _plan(name, case.profile(), case.budget), _plan(name, case.profile(), case.budget)
+    if get_planner(name).exact:
+        assert first.recompute_time_s == pytest.approx(again.recompute_time_s, rel=1e-9)
+    else:
+        assert first.recompute == again.recompute
+
+
+HEURISTIC = sorted(name for name, spec in planners().items() if not spec.exact)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(profile=profiles(max_forward=12, max_backward=8), data=st.data())
+def test_heuristic_plans_fit_and_repeat(profile: Profile, data):
+    """At any budget from the floor up, every heuristic's plan fits when
+    simulated, states the simulator's peak and time, and is the same for an
+    equal profile object planned again."""
+    lo, hi = floor(profile), no_recompute_peak(profile)
+    budget = data.draw(st.integers(lo, max(lo, hi - 1)), label="budget")
+    copy = Profile.from_dict(profile.to_dict())
+    for name in HEURISTIC:
+        result = _plan(name, profile, budget)
+        sim = check_plan(profile, result, budget_bytes=budget)
+        assert sim.peak_bytes <= budget
+        assert _plan(name, copy, budget).recompute == result.recompute, name
 
 
 @pytest.mark.parametrize("name", EXACT)
