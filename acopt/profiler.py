@@ -410,8 +410,9 @@ def profile(
             from torch._subclasses.fake_tensor import FakeTensorMode
 
             mode = FakeTensorMode(allow_non_fake_inputs=False)
+            detached = [t.detach() if isinstance(t, torch.Tensor) else t for t in inputs]  # no autograd on fakes
             with mode, torch.enable_grad():
-                fake_inputs = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in inputs]
+                fake_inputs = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in detached]
                 _, run = interp.run(fake_inputs)
             runs = [run]
             temps = [0] * len(interp.nodes)  # workspace is not visible without kernels
