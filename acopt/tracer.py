@@ -361,6 +361,12 @@ def trace(
         _check_supported(model, opt)
     layout = _BatchLayout.of(batch)
     batch_tensors = layout.tensors(batch)
+    for name, t in zip(layout.names, batch_tensors):
+        if t.requires_grad:
+            raise UnsupportedStep(
+                f"{name} requires grad: a traced step does not write gradients to batch tensors "
+                "(adversarial or input-gradient training); pass it detached, or keep that step eager"
+            )
     params = list(model.named_parameters())  # tied weights appear once
     param_ids = {id(p) for _, p in params}
     seen: set[int] = set()

@@ -81,3 +81,12 @@ def test_non_tensor_leaf_is_refused():
     o = torch.optim.SGD(m.parameters(), lr=0.1)
     with pytest.raises(acopt.UnsupportedStep, match=r"batch\[0\]\['extra'\] is a object"):
         acopt.trace(dict_step, m, o, {**_batch(), "extra": object()})
+
+
+def test_a_batch_tensor_that_requires_grad_is_refused():
+    m = Net()
+    o = torch.optim.SGD(m.parameters(), lr=0.1)
+    b = _batch()
+    b["inputs"]["x"].requires_grad_()
+    with pytest.raises(acopt.UnsupportedStep, match=r"batch\[0\]\['inputs'\]\['x'\] requires grad"):
+        acopt.trace(dict_step, m, o, b)
