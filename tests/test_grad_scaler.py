@@ -86,3 +86,31 @@ def test_update_outside_the_step_is_refused_and_the_scaler_left_clean():
     assert type(scaler._scale) is torch.Tensor  # a real tensor, as its first eager call makes it
     train_step(m, o, *_batch())  # the scaler still works eagerly
     scaler.update()
+
+
+def test_grad_scaler_step_plans_and_keeps_the_memory_truth():
+    import copy
+
+    import torch.nn as nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 64), nn.Tanh(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    batch = tiny.batch(0, rows=256)
+    traced = acopt.trace(_step_with(scaler), model, opt, *batch)
+    prof = acopt.profile(traced, *batch, warmup=0, iterations=1)
+    plan = acopt.plan(prof, budget=acopt.floor(prof))
+    assert plan.recompute
+    step = acopt.rewrite(traced, plan, profile=prof)
+    assert acopt.profile(step, *batch, warmup=0, iterations=1).peak_bytes == acopt.simulate(prof, plan).peak_bytes
+    snapshot = copy.deepcopy((model.state_dict(), opt.state_dict(), scaler.state_dict()))
+    a = traced(*batch)
+    after = [p.detach().clone() for p in model.parameters()] + [scaler.get_scale()]
+    model.load_state_dict(snapshot[0])
+    opt.load_state_dict(snapshot[1])
+    scaler._scale.fill_(snapshot[2]["scale"])  # in place: the graph holds this tensor
+    scaler._growth_tracker.fill_(snapshot[2]["_growth_tracker"])
+    assert torch.equal(step(*batch), a)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), after[:-1]))
+    assert scaler.get_scale() == after[-1]

@@ -182,3 +182,40 @@ def test_state_only_for_parameters_that_get_a_gradient():
     named1 = {id(p): n for n, p in m1.named_parameters()}
     named2 = {id(p): n for n, p in m2.named_parameters()}
     assert sorted(named1[id(p)] for p in o1.state) == sorted(named2[id(p)] for p in o2.state) == ["used.bias", "used.weight"]
+
+
+def _memory_truth(train, model, optimizer, batch):
+    """Plan at the floor, rewrite: bitwise equal to the traced step, measured peak == simulated."""
+    import copy
+
+    traced = acopt.trace(train, model, optimizer, *batch)
+    prof = acopt.profile(traced, *batch, warmup=0, iterations=1)
+    plan = acopt.plan(prof, budget=acopt.floor(prof))
+    step = acopt.rewrite(traced, plan, profile=prof)
+    assert acopt.profile(step, *batch, warmup=0, iterations=1).peak_bytes == acopt.simulate(prof, plan).peak_bytes
+    snapshot = copy.deepcopy((model.state_dict(), optimizer.state_dict()))
+    a = traced(*batch)
+    after = [p.detach().clone() for p in model.parameters()]
+    model.load_state_dict(snapshot[0])
+    optimizer.load_state_dict(snapshot[1])
+    assert torch.equal(step(*batch), a)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), after))
+    return plan
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p: O.RMSprop(p, lr=0.01, centered=True, momentum=0.9, foreach=True),
+        lambda p: O.AdamW(p, lr=0.01, fused=True),
+        lambda p: O.NAdam(p, lr=0.01),
+        lambda p: O.Rprop(p, lr=0.01, foreach=False),
+    ],
+    ids=["RMSprop-foreach", "AdamW-fused", "NAdam", "Rprop"],
+)
+def test_optimizer_steps_plan_and_keep_the_memory_truth(make):
+    import torch.nn as nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 64), nn.Tanh(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 4))
+    assert _memory_truth(train_step, model, make(model.parameters()), _batch(0, rows=256)).recompute
