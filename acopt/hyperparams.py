@@ -1,8 +1,9 @@
 """Optimizer hyperparameters as live graph inputs (docs/usage.md, "Live hyperparameters").
 
-While the step is traced, every number in every param group (``lr``,
+While the step is traced, every float in every param group (``lr``,
 ``momentum``, ``betas``, ``eps``, ``weight_decay``, ... and whatever a
-scheduler adds) is replaced by a :class:`Hyper`: a float whose value is a
+scheduler adds; ints are counts, such as Muon's ``ns_steps``, and stay
+guarded values) is replaced by a :class:`Hyper`: a float whose value is a
 *sentinel* unique to this trace, which records the Python arithmetic done on
 it (``1 - beta1``, ``-lr``, ``lr * weight_decay``) as an expression over the
 group values. A torch op that receives one records the sentinel as a literal

@@ -123,7 +123,7 @@ class _BatchLayout:
         if spec != self.spec:
             raise GuardFailure(f"the batch's structure changed since tracing ({spec} vs {self.spec}); trace again")
         out = []
-        for leaf, const, in zip(leaves, self.constants):
+        for leaf, const in zip(leaves, self.constants, strict=True):
             if const is _TENSOR:
                 if not isinstance(leaf, torch.Tensor):
                     raise GuardFailure(f"a batch leaf that was a tensor is now a {type(leaf).__name__}")
@@ -172,10 +172,6 @@ class OptimizerSet:
 
     def rebuild(self) -> Any:
         return pytree.tree_unflatten(self.live(), self.spec)
-
-
-def _all_groups(optimizers: Sequence[torch.optim.Optimizer]) -> list[dict]:
-    return [g for o in optimizers for g in o.param_groups]
 
 
 @dataclasses.dataclass(slots=True, kw_only=True)
@@ -370,7 +366,7 @@ def trace(
     params = list(model.named_parameters())  # tied weights appear once
     param_ids = {id(p) for _, p in params}
     seen: set[int] = set()
-    for group in _all_groups(optimizers):
+    for group in (g for o in optimizers for g in o.param_groups):
         for p in group["params"]:
             if id(p) not in param_ids:
                 raise UnsupportedStep("an optimizer holds a tensor that is not a parameter of the model")
