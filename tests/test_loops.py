@@ -25,6 +25,7 @@ import torch.optim.lr_scheduler as lrs
 from torch.utils.checkpoint import checkpoint, checkpoint_sequential
 
 import acopt
+from tests import tiny
 from acopt import GuardFailure, UnsupportedStep
 
 # The no-recompute peak: these models are so small that the floor is the peak.
@@ -54,17 +55,8 @@ def _bn_net() -> nn.Module:
     return nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 4))
 
 
-def _batch(seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(6, 8, generator=g), torch.randint(0, 4, (6,), generator=g)
-
-
-def train_step(model, optimizer, x, y):
-    optimizer.zero_grad()
-    loss = F.cross_entropy(model(x), y)
-    loss.backward()
-    optimizer.step()
-    return loss.detach()
+_batch = tiny.batch
+train_step = tiny.train_step
 
 
 def _build(mode, fn, model, optimizer, *batch):
