@@ -57,8 +57,8 @@ new block, say) the picks go on from the simulated timeline.
 Note P3 (prune). Picks are tried in order of the time their removal saves,
 largest first; a drop is taken when ``T`` moved by it (Note P1) stays within
 the budget. The drops are confirmed together (Note P7); the first that broke
-the plan is not tried again, and another round starts from the simulated
-timeline.
+the plan is not tried again, and rounds go on from the simulated timeline
+until one drops nothing (a drop can make room for a pick tried before it).
 
 Note P4 (exchange). For each pick ``p``, ``T`` gives the steps that stop it
 from being dropped (``T + freed(p) > budget`` in its dead range): their
@@ -215,28 +215,36 @@ class _Plan:
                 self.holds[n.name] = kept
         later, users = model.later_users, profile.users
         forward = {n.name for n in nodes if n.region == Region.FORWARD}
-        self.outputs, self.position, self.fw_last, self.freed, self.span = {}, {}, {}, {}, {}
+        self.outputs, self.position, self.fw_last, self.freed = {}, {}, {}, {}
+        self.span: dict[str, dict[str, int]] = {}  # candidate -> {storage it frees: the node after which}
+
+        def last_forward_use(storage: str) -> int:
+            return max(
+                max([index[v], *(index[u] for u in users[v] if u in forward)])
+                for v in model.aliases[storage] if v in forward
+            )  # fmt: skip
+
         sizes, nodes_by_name = {s.name: s.bytes for s in profile.storages}, profile.node_by_name
         fixed = placeholder | model.output_storages
         for c in self.candidates:
             self.outputs[c] = tuple(v for v in model.aliases[c] if later.get(v))
             self.position[c] = min(index[u] for v in self.outputs[c] for u in later[v])
-            # Note P1: the bytes it frees, with the storages that only its forward
-            # aliases (a multi-output node's value, say) keep alive for later readers
-            also = {
-                s for v in self.outputs[c] for s in nodes_by_name[v].storages
-                if s != c and s not in fixed
-                and all(c in nodes_by_name[u].storages for u in model.aliases[s] if u in forward and later.get(u))
-            }  # fmt: skip
-            self.span[c] = frozenset({c, *also})
-            for s in self.span[c]:  # each is freed after the last forward use of its values
-                self.fw_last[s] = max(
-                    max([index[v], *(index[u] for u in users[v] if u in forward)])
-                    for v in model.aliases[s] if v in forward
-                )  # fmt: skip
+            # Note P1: what it frees: its storage after its last forward use, and
+            # any other storage its read-later forward aliases refer to (a
+            # multi-output node's value) after the last use of the values that
+            # do not refer to it, if that comes before its block.
+            self.fw_last[c] = last_forward_use(c)
+            self.span[c] = {c: self.fw_last[c]}
+            for s in sorted({s for v in self.outputs[c] for s in nodes_by_name[v].storages} - {c} - fixed):
+                others = [v for v in model.aliases[s] if c not in nodes_by_name[v].storages]
+                if any(nodes_by_name[u].is_output for v in others for u in users[v]):
+                    continue
+                last = max([last_forward_use(s), *(max([index[v], *(index[u] for u in users[v])]) for v in others)])
+                if last < self.position[c] - 1:
+                    self.span[c][s] = last
             self.freed[c] = sum(sizes[s] for s in sorted(self.span[c]))
         # Candidates whose spans overlap free the shared storages once (Note P1).
-        self.shares = {c: frozenset(q for q in self.candidates if q != c and self.span[q] & self.span[c])
+        self.shares = {c: frozenset(q for q in self.candidates if q != c and self.span[q].keys() & self.span[c].keys())
                        for c in self.candidates if len(self.span[c]) > 1}  # fmt: skip
         for c, qs in list(self.shares.items()):
             for q in qs:
@@ -342,11 +350,6 @@ class _Plan:
             for s in {c}.union(*(b.sources | b.chain for b in ch.blocks.values())):
                 self._deps.setdefault(s, set()).add(key)
         return ch
-
-    def ext(self, c: str) -> dict[str, float]:
-        """What picking ``c`` adds to the block of each pick that reads it."""
-        ch = self.single("add", c)
-        return {a: b.time_s - self.blocks[a].time_s for a, b in ch.blocks.items() if a != c}
 
     def commit(self, ch: _Change) -> None:
         """Apply ``ch``. A cached add of ``c`` depends on the blocks with ``c``
@@ -497,17 +500,17 @@ class _Search:
         """What recomputing ``c`` frees with ``others`` recomputed too, as (first
         step, bytes) ranges that end where its dead range ends (Note P1)."""
         i = self.rank[c]
-        shares = self.plan.shares.get(c)
-        if not shares:
-            if len(self.plan.span[c]) == 1:
-                return [(int(self.start[i]), int(self.freed[i]))]
-            covered = set()
-        else:
-            covered = set().union(*(self.plan.span[q] for q in shares if q in others))
-        return [
-            (int(self.start[i]) if s == c else int(self.g[self.plan.fw_last[s]]) + 1, self.sizes[s])
-            for s in sorted(self.plan.span[c] - covered)
-        ]
+        span = self.plan.span[c]
+        if len(span) == 1:
+            return [(int(self.start[i]), int(self.freed[i]))]
+        shares = self.plan.shares.get(c, ())
+        covered = set().union(*(self.plan.span[q].keys() for q in shares if q in others))
+        out = []
+        for s in sorted(span.keys() - covered):
+            # a block that reads it through a source keeps it alive until then
+            first = max([int(self.g[span[s]]), *self.holders.get(s, {}).values()]) + 1 if s != c else int(self.start[i])
+            out.append((first, self.sizes[s]))
+        return out
 
     def _apply(self, ch: _Change, ranges=None) -> None:
         """Commit ``ch`` to the plan and to ``T`` by the linear model (Note P1);
@@ -652,9 +655,9 @@ class _Search:
                 return
             k = self._confirm(start, moves, confirmed)
             self.counts["pruned"] += k
-            if k == len(dropped):
-                return
-            self.tabu.add(dropped[k])
+            if k < len(dropped):
+                self.tabu.add(dropped[k])
+            # another round: a drop can make room for one tried before it
 
     # ---- Note P4: exchange -----------------------------------------------------------------
     def exchange(self) -> None:
@@ -710,9 +713,15 @@ class _Search:
         free = ~self.picked
         for c in self.tabu | set(no_add):
             free[self.rank[c]] = False
+        # A candidate that blocks read through a source frees it until the last
+        # of them too, once it is picked (they replay it instead: Note P1).
+        reach = self.end.copy()
+        for s in self.holders.keys() & self.rank.keys():
+            i = self.rank[s]
+            reach[i] = max([int(reach[i]), *(step + 1 for step in self.holders[s].values())])
         # redundant[r, j]: with candidate j picked, pick rows[r] can be dropped (linear model)
         redundant = (
-            (self.start[None, :] <= lo_[:, None]) & (self.end[None, :] > hi_[:, None])
+            (self.start[None, :] <= lo_[:, None]) & (reach[None, :] > hi_[:, None])
             & (self.freed[None, :] >= need_[:, None]) & free[None, :]
         )  # fmt: skip
         proposals, singles = [], []

@@ -103,7 +103,7 @@ def corpus(time_limit_s: float, threads: int) -> dict:
 
 
 # ---- hypothesis profiles --------------------------------------------------------------------
-def hypothesis_profiles(examples: int, max_forward: int, max_backward: int, time_limit_s: float) -> dict:
+def hypothesis_profiles(examples: int, max_forward: int, max_backward: int, time_limit_s: float, save: str = "") -> dict:
     from hypothesis import HealthCheck, Phase, given, settings
 
     import acopt
@@ -132,7 +132,9 @@ def hypothesis_profiles(examples: int, max_forward: int, max_backward: int, time
             if exact.status.value != "optimal":
                 skipped += 1
                 continue
-            row = {"case": f"example {n} at {100 * frac:g}%"}
+            multi = sum(len(v.allocates) > 1 for v in profile.nodes)
+            row = {"case": f"example {n} at {100 * frac:g}% (floor {lo}, peak {hi}, {multi} multi-output nodes)",
+                   "profile": profile, "budget": budget}  # fmt: skip
             for solver in ("greedy", "mu-two"):
                 p = acopt.plan(profile, budget=budget, solver=solver)
                 row[solver] = _gap(p.recompute_time_s, exact.recompute_time_s)
@@ -141,6 +143,12 @@ def hypothesis_profiles(examples: int, max_forward: int, max_backward: int, time
     if skipped:
         print(f"({skipped} budgets without a proven optimum left out)")
     out = _summary("hypothesis", rows)
+    for k, r in enumerate(sorted(rows, key=lambda r: -r["greedy"])[:5]):
+        if r["greedy"] > 0.01:
+            print(f"{'':11s} greedy {_pct(r['greedy']):>9s}, mu-two {_pct(r['mu-two']):>9s}: {r['case']}")
+            if save:
+                Path(save).mkdir(parents=True, exist_ok=True)
+                r["profile"].to_json(Path(save) / f"worst{k}_budget{r['budget']}.profile.json")
     worse = [r for r in rows if r["greedy"] > r["mu-two"] + 1e-9]
     print(f"{'':11s} greedy over 1%: {sum(r['greedy'] > 0.01 for r in rows)}, over 5%: "
           f"{sum(r['greedy'] > 0.05 for r in rows)}; greedy costlier than mu-two: {len(worse)}")  # fmt: skip
@@ -199,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--time-limit", type=float, default=120.0, help="seconds per CP-SAT solve")
     ap.add_argument("--threads", type=int, default=2, help="CP-SAT threads on the corpus")
     ap.add_argument("--repeat", type=int, default=3, help="timings: best of this many runs")
+    ap.add_argument("--save-worst", default="", metavar="DIR", help="write the hypothesis profiles of the worst gaps here")
     args = ap.parse_args(argv)
     warnings.simplefilter("ignore")
     print(f"python {platform.python_version()}, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
@@ -206,7 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     if "corpus" in args.parts:
         results["corpus"] = corpus(args.time_limit, args.threads)
     if "hypothesis" in args.parts:
-        results["hypothesis"] = hypothesis_profiles(args.examples, args.max_forward, args.max_backward, args.time_limit)
+        results["hypothesis"] = hypothesis_profiles(
+            args.examples, args.max_forward, args.max_backward, args.time_limit, args.save_worst
+        )
     if "time" in args.parts:
         results["time"] = timings(args.repeat)
 
