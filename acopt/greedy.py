@@ -29,13 +29,15 @@ forward copy dies after its last forward use ``fw_last`` and is rebuilt by a
 block just before ``pos``, its first reader outside the forward region: its
 *dead range* is the steps ``g[fw_last] + 1`` to ``g[pos - 1]``, the original
 nodes between and the blocks that run before them, not those right before
-``pos`` (its own among them). What it frees there is its storage, and the
-storages that only its forward aliases keep alive for later readers (a
-multi-output node's value read as a whole); candidates that share such
-storages free them once. A block also keeps alive, until it runs, the
-activations its sources refer to (a source whose last reader came earlier
-lives longer) and the generator state of each random node it replays (rule
-7, from that node's forward run). Between simulations every change of the
+``pos`` (its own among them). What it frees there is its storage, and any
+other storage its read-later forward aliases refer to (a multi-output
+node's value read as a whole), from the last use of the values that do not
+refer to ``a`` and the last block that reads it through a source, if that
+comes before; candidates that share such storages free them once. A block
+also keeps alive, until it runs, the activations its sources refer to (a
+source whose last reader came earlier lives longer; picking it ends that)
+and the generator state of each random node it replays (rule 7, from that
+node's forward run). Between simulations every change of the
 plan moves ``T`` by these ranges. It leaves out the steps of new blocks
 (their intermediates), and chains rebuilt inside other blocks; hence the
 confirmations.
@@ -63,8 +65,9 @@ until one drops nothing (a drop can make room for a pick tried before it).
 Note P4 (exchange). For each pick ``p``, ``T`` gives the steps that stop it
 from being dropped (``T + freed(p) > budget`` in its dead range): their
 first and last step, and the most they exceed by. A candidate ``c`` makes
-``p`` redundant when its dead range covers those steps and what it frees
-covers that excess. For each ``c`` (the ``_EXCHANGE_CANDIDATES`` cheapest to
+``p`` redundant when its dead range (extended to the last block that reads
+it through a source, whose hold its pick ends) covers those steps and what
+it frees covers that excess. For each ``c`` (the ``_EXCHANGE_CANDIDATES`` cheapest to
 add), three kinds of moves: add ``c`` and drop the picks it makes redundant
 one after another, largest saving first or largest saving per byte first,
 each checked against ``T`` as moved by the move so far; and add ``c`` and
@@ -501,9 +504,9 @@ class _Search:
         step, bytes) ranges that end where its dead range ends (Note P1)."""
         i = self.rank[c]
         span = self.plan.span[c]
-        if len(span) == 1:
-            return [(int(self.start[i]), int(self.freed[i]))]
         shares = self.plan.shares.get(c, ())
+        if not shares:
+            return [(int(self.start[i]), int(self.freed[i]))]
         covered = set().union(*(self.plan.span[q].keys() for q in shares if q in others))
         out = []
         for s in sorted(span.keys() - covered):

@@ -103,11 +103,11 @@ def corpus(time_limit_s: float, threads: int) -> dict:
 
 
 # ---- hypothesis profiles --------------------------------------------------------------------
-def hypothesis_profiles(examples: int, max_forward: int, max_backward: int, time_limit_s: float, save: str = "") -> dict:
+def draw_profiles(examples: int, max_forward: int, max_backward: int) -> list:
+    """The hypothesis sample: derandomized, and drawn before anything else runs
+    (what a process imported and ran before changes hypothesis' draws)."""
     from hypothesis import HealthCheck, Phase, given, settings
 
-    import acopt
-    from acopt.planning import floor, no_recompute_peak
     from tests.strategies import profiles
 
     drawn = []
@@ -119,8 +119,18 @@ def hypothesis_profiles(examples: int, max_forward: int, max_backward: int, time
         drawn.append(profile)
 
     draw()
+    return drawn
+
+
+def hypothesis_profiles(drawn: list, max_forward: int, max_backward: int, time_limit_s: float, save: str = "") -> dict:
+    import hashlib
+
+    import acopt
+    from acopt.planning import floor, no_recompute_peak
+
+    digest = hashlib.sha256(repr([(p.nodes, p.storages) for p in drawn]).encode()).hexdigest()[:12]
     print(f"\n## Hypothesis profiles: {len(drawn)} drawn by profiles(max_forward={max_forward}, "
-          f"max_backward={max_backward}), derandomized; budgets 25/50/75% from the floor to the peak\n")  # fmt: skip
+          f"max_backward={max_backward}), derandomized (sample {digest}); budgets 25/50/75% from the floor to the peak\n")  # fmt: skip
     rows, skipped = [], 0
     for n, profile in enumerate(drawn):
         lo, hi = floor(profile), no_recompute_peak(profile)
@@ -212,12 +222,12 @@ def main(argv: list[str] | None = None) -> int:
     warnings.simplefilter("ignore")
     print(f"python {platform.python_version()}, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     results = {}
+    if "hypothesis" in args.parts:
+        drawn = draw_profiles(args.examples, args.max_forward, args.max_backward)
     if "corpus" in args.parts:
         results["corpus"] = corpus(args.time_limit, args.threads)
     if "hypothesis" in args.parts:
-        results["hypothesis"] = hypothesis_profiles(
-            args.examples, args.max_forward, args.max_backward, args.time_limit, args.save_worst
-        )
+        results["hypothesis"] = hypothesis_profiles(drawn, args.max_forward, args.max_backward, args.time_limit, args.save_worst)
     if "time" in args.parts:
         results["time"] = timings(args.repeat)
 
