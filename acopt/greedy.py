@@ -406,6 +406,18 @@ _EXCHANGE_CANDIDATES = 512  # Note P4: the candidates tried, cheapest to add fir
 _KICK_EFFORT = 2000  # Note P5: at most this many kicks per round, divided by the number of candidates
 
 
+def _best_first(score: np.ndarray, keys: np.ndarray):
+    """Indices of ``score`` from the largest, ties by ``keys``; sorts only if
+    more than the first is asked for (it usually is not)."""
+    if not len(score):
+        return
+    first = int(score.argmax())  # the first of equals: the smallest key, as keys are sorted
+    yield first
+    for k in np.lexsort((keys, -score)):
+        if k != first:
+            yield int(k)
+
+
 class _Search:
     """The search on one plan (Notes P2-P5, P8), with the last simulated
     timeline ``T`` and the linear model (Note P1)."""
@@ -464,12 +476,10 @@ class _Search:
         after = (self.plan.recompute | ch.add) - ch.drop
         out = []
         for k, c in enumerate(adds):
-            end = int(self.end[self.rank[c]])
-            for first, size in self._frees(c, (self.plan.recompute - ch.drop) | set(adds[:k])):
+            for first, end, size in self._frees(c, (self.plan.recompute - ch.drop) | set(adds[:k])):
                 out.append((first, end, -size))
         for k, d in enumerate(drops):
-            end = int(self.end[self.rank[d]])
-            for first, size in self._frees(d, after | set(drops[k + 1 :])):
+            for first, end, size in self._frees(d, after | set(drops[k + 1 :])):
                 out.append((first, end, size))
         changed = ch.drop | ch.blocks.keys()
         touched = set()
@@ -499,21 +509,38 @@ class _Search:
                 out.append((min(before, later) + 1, max(before, later) + 1, size if later > before else -size))
         return out
 
-    def _frees(self, c: str, others) -> list[tuple[int, int]]:
+    def _frees(self, c: str, others) -> list[tuple[int, int, int]]:
         """What recomputing ``c`` frees with ``others`` recomputed too, as (first
-        step, bytes) ranges that end where its dead range ends (Note P1)."""
+        step, end step, bytes) ranges (Note P1). A storage that other picks
+        free too is freed from the earliest of their first steps to the last
+        of their ends: ``c`` adds what it extends of that."""
         i = self.rank[c]
         span = self.plan.span[c]
         shares = self.plan.shares.get(c, ())
-        if not shares:
-            return [(int(self.start[i]), int(self.freed[i]))]
-        covered = set().union(*(self.plan.span[q].keys() for q in shares if q in others))
+        if len(span) == 1 and not shares:
+            return [(int(self.start[i]), int(self.end[i]), int(self.freed[i]))]
         out = []
-        for s in sorted(span.keys() - covered):
-            # a block that reads it through a source keeps it alive until then
-            first = max([int(self.g[span[s]]), *self.holders.get(s, {}).values()]) + 1 if s != c else int(self.start[i])
-            out.append((first, self.sizes[s]))
+        for s in sorted(span):
+            lo, hi = self._freed_range(c, s)
+            covering = [self._freed_range(q, s) for q in shares if q in others and s in self.plan.span[q]]
+            if not covering:
+                out.append((lo, hi, self.sizes[s]))
+                continue
+            lo0, hi0 = min(r[0] for r in covering), max(r[1] for r in covering)
+            if lo < lo0:
+                out.append((lo, lo0, self.sizes[s]))
+            if hi > hi0:
+                out.append((hi0, hi, self.sizes[s]))
         return out
+
+    def _freed_range(self, c: str, s: str) -> tuple[int, int]:
+        """The steps where recomputing ``c`` frees storage ``s`` of its span (Note P1)."""
+        i = self.rank[c]
+        if s == c:
+            return int(self.start[i]), int(self.end[i])
+        # after the last use of the values that do not refer to c, and of the blocks that read it
+        first = max([int(self.g[self.plan.span[c][s]]), *self.holders.get(s, {}).values()]) + 1
+        return first, int(self.end[i])
 
     def _apply(self, ch: _Change, ranges=None) -> None:
         """Commit ``ch`` to the plan and to ``T`` by the linear model (Note P1);
@@ -536,7 +563,7 @@ class _Search:
         self.exact = False
         for x in sorted(ch.add | ch.drop, key=self.rank.__getitem__):
             for c in self.plan.shares.get(x, ()):  # what each frees now, with the plan as it is
-                self.freed[self.rank[c]] = sum(size for _, size in self._frees(c, self.plan.recompute - {c}))
+                self.freed[self.rank[c]] = sum(size for _, _, size in self._frees(c, self.plan.recompute - {c}))
 
     def _fits(self, ch: _Change) -> bool:
         """Whether ``T`` changed by ``ch`` (Note P1) stays within the budget where it rises."""
@@ -624,7 +651,7 @@ class _Search:
             # (sources it reads later, generator states) only lowers it, so the
             # candidates are scored in full in that order until none can win.
             best, best_score = None, 0.0
-            for k in np.lexsort((covering, -score)):  # best first; ties: created first
+            for k in _best_first(score, covering):
                 if score[k] <= best_score:
                     break
                 ch = plan.single("add", cands[int(covering[k])])
