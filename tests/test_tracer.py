@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import acopt
+from tests import tiny
 from acopt.records import Region
 from acopt.tracer import REGION_KEY, UnsupportedStep
 
@@ -22,12 +23,7 @@ def _net() -> nn.Module:
     )
 
 
-def train_step(model, optimizer, x, y):
-    optimizer.zero_grad()
-    loss = F.cross_entropy(model(x), y)
-    loss.backward()
-    optimizer.step()
-    return loss.detach()
+train_step = tiny.train_step
 
 
 def _batch(seed: int = 0):
