@@ -413,13 +413,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_solvers)
 
     sp = add("compare", help="compare acopt's and PyTorch's solvers on saved profiles (docs/solvers.md)")
-    try:
-        _compare_module().add_compare_arguments(sp)
-    except ImportError:  # an install without the repository's benchmarks/: the other commands still work
-        sp.add_argument("args", nargs=argparse.REMAINDER)
-        sp.set_defaults(fn=_compare_unavailable)
-    else:
-        sp.set_defaults(fn=cmd_compare)
+    from acopt.compare import add_compare_arguments
+
+    add_compare_arguments(sp)
+    sp.set_defaults(fn=cmd_compare)
 
     sub.add_parser("bench", add_help=False, help="benchmark harness: memory, time, numerics vs baselines (acopt bench --help)")
     # main() hands `acopt bench ...` to the harness's own parser before this one sees it.
@@ -515,46 +512,20 @@ def cmd_solvers(args) -> int:
     return 0
 
 
-def _compare_module():
-    """benchmarks/compare.py of the repository (on sys.path, or next to an editable install)."""
-    try:
-        import benchmarks.compare as compare
-    except ImportError:
-        root = Path(__file__).resolve().parent.parent
-        if not (root / "benchmarks" / "compare.py").exists():
-            raise ImportError("acopt compare needs the repository's benchmarks/ (run it from a source checkout)") from None
-        sys.path.insert(0, str(root))
-        import benchmarks.compare as compare
-    return compare
-
-
 def cmd_compare(args) -> int:
-    """``acopt compare ...`` = ``python -m benchmarks.compare run ...``: every plan simulated, CSV/markdown/PNG."""
-    compare = _compare_module()
+    """``acopt compare ...`` (acopt/compare.py): every plan simulated, CSV/markdown/PNG."""
+    from acopt import compare
+
     try:
         return compare.cmd_run(args)
     except ValueError as e:  # compare's own checks of its arguments (budgets, solvers, the corpus)
         raise UsageError(str(e)) from e
 
 
-def _compare_unavailable(args) -> int:
-    try:
-        _compare_module()
-    except ImportError as e:
-        raise UsageError(str(e)) from e
-    raise AssertionError("benchmarks.compare imports now but did not when the parser was built")
-
-
 def cmd_bench(argv: list[str]) -> int:
-    """``acopt bench ...`` = ``python -m benchmarks.harness ...`` (benchmarks/ of the repository)."""
-    try:
-        import benchmarks.harness as harness
-    except ImportError:
-        root = Path(__file__).resolve().parent.parent  # the repository of an editable install
-        if not (root / "benchmarks" / "harness.py").exists():
-            raise UsageError("acopt bench needs the repository's benchmarks/ (run it from a source checkout)") from None
-        sys.path.insert(0, str(root))
-        import benchmarks.harness as harness
+    """``acopt bench ...``: the benchmark harness (acopt/bench.py)."""
+    from acopt import bench as harness
+
     # The harness parses its own arguments; check the device first, as the other commands do.
     args, _ = harness.build_parser().parse_known_args(argv)  # --help and argparse errors exit here, as in the harness
     device = str(getattr(args, "device", "cpu"))

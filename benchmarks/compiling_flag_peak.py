@@ -19,7 +19,7 @@ import torch.compiler
 
 import acopt
 from benchmarks import hf_models
-from benchmarks.memory import measure_peak, state_tensors
+from acopt.measure import measure_peak, state_tensors
 
 
 def main(argv: list[str] | None = None) -> None:

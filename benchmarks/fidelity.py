@@ -3,9 +3,9 @@
 For each workload: the eager step and acopt's traced step (an empty plan: the
 trace itself, before any recomputation) on the same model, optimizer and batch.
 
-* time: ``benchmarks.memory.time_paired`` (traced and eager alternately, one
+* time: ``acopt.measure.time_paired`` (traced and eager alternately, one
   call each per iteration), medians; goal traced <= eager * 1.03.
-* peak: ``benchmarks.memory.measure_peak`` around ``eager()`` and around
+* peak: ``acopt.measure.measure_peak`` around ``eager()`` and around
   ``traced(*batch)``, the same way (CPU profiler allocation events + the
   storages alive before the step); goal traced <= eager.
 * op counts in the traced graph: call nodes, fused SDPA (flash) vs math
@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import acopt  # noqa: E402
 from acopt import models  # noqa: E402
 from benchmarks import hf_models  # noqa: E402
-from benchmarks.memory import measure_peak, median, state_tensors, time_paired  # noqa: E402
+from acopt.measure import measure_peak, median, state_tensors, time_paired  # noqa: E402
 
 TIME_GOAL = 1.03
 ATTENTION = (

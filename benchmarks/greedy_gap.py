@@ -74,7 +74,7 @@ def _summary(label: str, rows: list[dict]) -> dict:
 # ---- the corpus ---------------------------------------------------------------------------
 def corpus(time_limit_s: float, threads: int) -> dict:
     from acopt.records import Profile
-    from benchmarks.compare import compare_profile, corpus_files, profile_label
+    from acopt.compare import compare_profile, corpus_files, profile_label
 
     print("\n## Corpus (benchmarks/profiles/), budgets 25/50/75% from the floor to the peak\n")
     print(f"{'profile':28s} {'budget':>7s} {'optimum ms':>12s} {'greedy':>8s} {'mu-two':>8s} {'greedy s':>8s}")

@@ -25,15 +25,16 @@ from collections.abc import Sequence
 
 from acopt.planning import Plan, PlannerSpec
 from acopt.records import Profile
-from solvers.exact import ExactOptions, run
-from solvers.model import FREE, Formulation
+
+from .exact import ExactOptions, run
+from .model import FREE, Formulation
 
 INSTALL = "pip install 'acopt[solvers]'"
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class CpsatOptions(ExactOptions):
-    """Options of the ``cpsat`` planner: :class:`solvers.exact.ExactOptions`
+    """Options of the ``cpsat`` planner: :class:`acopt.solvers.exact.ExactOptions`
     (``threads`` are CP-SAT's, ``msg`` shows CP-SAT's log)."""
 
 
@@ -104,7 +105,7 @@ class CpsatBackend:
         self.rows_done = len(f.rows)
 
     def solve(self, *, time_limit_s: float, hint: Sequence[float] | None):
-        from solvers.exact import FEASIBLE, INFEASIBLE, OPTIMAL, UNKNOWN, Solved
+        from .exact import FEASIBLE, INFEASIBLE, OPTIMAL, UNKNOWN, Solved
 
         cp = self.cp
         self._sync()

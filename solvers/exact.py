@@ -20,7 +20,8 @@ from acopt.planning import Plan, PlanStatus, SolverStats, assemble_plan
 from acopt.records import Profile
 from acopt.schedule import InvalidPlan
 from acopt.simulator import peak_bytes, simulate
-from solvers.model import Formulation, ModelSize
+
+from .model import Formulation, ModelSize
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)

@@ -30,15 +30,16 @@ from collections.abc import Sequence
 
 from acopt.planning import Plan, PlannerSpec
 from acopt.records import Profile
-from solvers.exact import ExactOptions, run
-from solvers.model import BINARY, FREE, Formulation
+
+from .exact import ExactOptions, run
+from .model import BINARY, FREE, Formulation
 
 INSTALL = "pip install 'acopt[solvers]'"
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class IlpOptions(ExactOptions):
-    """Options of the ``ilp`` planner: :class:`solvers.exact.ExactOptions`
+    """Options of the ``ilp`` planner: :class:`acopt.solvers.exact.ExactOptions`
     (``threads`` are CBC's, ``msg`` shows CBC's log)."""
 
 
@@ -124,7 +125,7 @@ class PulpBackend:
         self.rows_done = len(f.rows)
 
     def solve(self, *, time_limit_s: float, hint: Sequence[float] | None):
-        from solvers.exact import FEASIBLE, INFEASIBLE, OPTIMAL, UNKNOWN, Solved
+        from .exact import FEASIBLE, INFEASIBLE, OPTIMAL, UNKNOWN, Solved
 
         pulp = self.pulp
         self._sync()

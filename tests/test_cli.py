@@ -221,7 +221,7 @@ def _help_texts() -> list[str]:
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     texts += [sp.format_help() for name, sp in sub.choices.items() if name != "bench"]
     sys.path.insert(0, str(ROOT))
-    from benchmarks.harness import build_parser as bench_parser
+    from acopt.bench import build_parser as bench_parser
 
     return [*texts, bench_parser().format_help()]
 
@@ -239,7 +239,7 @@ def test_examples_are_found():
 def _parse(command: str):
     argv = shlex.split(command)[1:]
     if argv[:1] == ["bench"]:
-        from benchmarks.harness import build_parser as bench_parser
+        from acopt.bench import build_parser as bench_parser
 
         return bench_parser().parse_args(argv[1:])
     return build_parser().parse_args(argv)

@@ -37,7 +37,7 @@ def test_corrupt_gz_profile_is_a_value_error(tmp_path):
 
 
 # ---- the comparison ------------------------------------------------------------
-compare = pytest.importorskip("benchmarks.compare")
+compare = pytest.importorskip("acopt.compare")
 pytest.importorskip("pulp")
 pytest.importorskip("ortools")
 

@@ -8,8 +8,8 @@ import time
 import pytest
 import torch
 
-from benchmarks import harness
-from benchmarks.memory import live_bytes, max_abs_diff, measure_peak
+from acopt import bench as harness
+from acopt.measure import live_bytes, max_abs_diff, measure_peak
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -118,7 +118,7 @@ def test_measured_peak_is_the_simulated_one_with_generator_states(tmp_path):
     """The transformer's dropout is replayed from saved generator states (acopt.rng; on
     CPU 5056 B each). The simulator counts them (docs/memory-model.md, rule 7), so the
     harness's whole-step measurement equals the simulated peak to the byte and fits."""
-    from benchmarks.memory import state_tensors
+    from acopt.measure import state_tensors
 
     config = _config(tmp_path)
     ctx = harness.make_context(config, harness.ModelRun(name="transformer", batch_sizes=(4,)), 4)

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from acopt.models import MODELS, Workload, build, classify_step
-from benchmarks.checkpoint_baselines import apply_torch_checkpoint
+from acopt.checkpoint_baselines import apply_torch_checkpoint
 
 FAST = ["mlp", "cnn", "transformer"]
 BATCH = 3

@@ -39,7 +39,7 @@ from acopt.planning import (
 from acopt.records import NodeRecord, Profile, ProfileMeta, Region, StorageRecord
 from acopt.schedule import InvalidPlan
 from acopt.simulator import memory_model, simulate
-from solvers.model import Formulation
+from acopt.solvers.model import Formulation
 from tests.strategies import chain_profile, profiles, unreplayable_chain_profile
 
 PLANNERS = sorted(planners())
@@ -345,8 +345,8 @@ def test_chain_depth_keeps_the_optimum(name: str, depth):
 def test_chain_growth_policies_keep_the_optimum(growth: str, frontier: bool):
     """exact.solve's rebuild policies and the frontier costs (model.py Note 10)
     only change how fast the chain members come in, never the proven optimum."""
-    from solvers import exact
-    from solvers.cpsat import CpsatBackend, CpsatOptions, _import_cp_model
+    from acopt.solvers import exact
+    from acopt.solvers.cpsat import CpsatBackend, CpsatOptions, _import_cp_model
 
     cp_model = _import_cp_model()
     opts = CpsatOptions(time_limit_s=20.0)

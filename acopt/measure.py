@@ -101,7 +101,7 @@ class StepMemory:
     how: str  # "cuda max_memory_allocated" or "cpu profiler allocation events"
 
 
-_MARK = "benchmarks.memory.measured_step"
+_MARK = "acopt.measure.measured_step"
 
 
 def _allocation_events(prof) -> list[tuple[int, int]]:

@@ -1,4 +1,4 @@
-"""torch.utils.checkpoint baselines for the benchmark harness.
+"""torch.utils.checkpoint baselines for the benchmark harness (``acopt bench``).
 
 ``restore = apply_torch_checkpoint(workload, every=k)`` wraps the forward of
 blocks 0, k, 2k, ... of ``workload.blocks`` in
