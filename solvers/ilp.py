@@ -70,6 +70,7 @@ class PulpBackend:
         self.prob = pulp.LpProblem("acopt", pulp.LpMinimize)
         self.v: dict = {}
         self.rows_done = 0
+        self.nonzeros = 0  # of the constraints added so far (PuLP 3.3 deprecates reading them back)
         self.io_s_per_nonzero = 2e-5  # PuLP's file I/O per nonzero, measured after each solve
         # Bytes go to CBC in units of 2**k bytes, so that the budget is about 1e4
         # units: with raw bytes (1e9 and more) CBC's tolerances make it fix
@@ -122,6 +123,8 @@ class PulpBackend:
                     self.prob += (expr >= row.lo * k, f"c{j}")
                 if row.hi is not None:
                     self.prob += (expr <= row.hi * k, f"c{j}h")
+            two_sided = not row.memory and row.lo is not None and row.hi is not None and row.lo != row.hi
+            self.nonzeros += (1 + two_sided) * (len(row.terms) + (row.memory and f.peak_var is not None))
         self.rows_done = len(f.rows)
 
     def solve(self, *, time_limit_s: float, hint: Sequence[float] | None):
@@ -139,7 +142,7 @@ class PulpBackend:
                 var.setInitialValue(val, check=False)
         # CBC's -sec counts CBC's own time only; PuLP's writing the MPS file and
         # reading the solution come on top (tens of seconds for 10**6 nonzeros).
-        nonzeros = sum(len(c) for c in self.prob.constraints.values())
+        nonzeros = self.nonzeros
         limit = max(1, math.floor(time_limit_s - self.io_s_per_nonzero * nonzeros))
         fd, log = tempfile.mkstemp(suffix=".log", prefix="acopt_cbc_")
         os.close(fd)
