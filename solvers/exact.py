@@ -171,8 +171,8 @@ def solve(
     cuts: list[tuple[frozenset[str], int | None]] = []  # no-goods (plan, None) and peak cuts
     build_time = time.perf_counter() - t0  # the analysis (and the warm start's check)
     solve_t0 = t0
-    rebuild = True
-    while rebuild and deadline > time.perf_counter():
+    rebuild, f = True, None
+    while rebuild and (f is None or deadline > time.perf_counter()):  # one build even past the deadline
         # (Re)build: Note 10 adds chain members the model left out, keeping the
         # lazy block rows and cuts found so far.
         rebuild = False
