@@ -26,7 +26,9 @@ Budgets (for acopt-* and torch-budget), with P the no-recompute peak and F the
 floor (:func:`acopt.floor`) of acopt's profile of the step:
 
     "70%"      0.70 * P (acopt's own meaning of a percentage budget)
-    "act50%"   F + 0.50 * (P - F): half of the memory that recomputation can remove
+    "floor+50%" F + 0.50 * (P - F): half of the memory that recomputation can remove
+               (also written "act50%", this harness's older spelling)
+    "0.7"      0.70 * P, as torch's activation_memory_budget writes it
     "64MiB"    bytes
     "match:M"  (added automatically, acopt-greedy only) the measured peak of method
                row M at the same batch size: acopt at equal peak
@@ -258,10 +260,7 @@ class Context:
     def budget_bytes(self, spec: str) -> int:
         from acopt.planning import resolve_budget
 
-        if spec.startswith("act") and spec.endswith("%"):
-            frac = float(spec[3:-1]) / 100
-            return self.floor_bytes + math.floor(frac * (self.peak_bytes - self.floor_bytes))
-        return resolve_budget(self.profile, spec)
+        return resolve_budget(self.profile, spec)  # "act50%" is "floor+50%"
 
     def torch_fraction(self, budget_bytes: int) -> float:
         span = self.peak_bytes - self.floor_bytes
@@ -1131,7 +1130,8 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--max-batch-methods", nargs="*", default=None, choices=list(ALL_METHODS),
                    help="methods for the largest-batch search (default: none acopt-greedy ckpt-every ckpt-every2 torch-budget)")  # fmt: skip
     p.add_argument("--budgets", nargs="+", default=["50%", "70%", "85%", "act50%"],
-                   help='"70%%" of the no-recompute peak, "act50%%" of the removable memory above the floor, or bytes')  # fmt: skip
+                   help='as for acopt plan: "70%%" or 0.7 of the no-recompute peak, "floor+50%%" (or "act50%%") of the '
+                        'removable memory above the floor, bytes or a size like 64MiB')  # fmt: skip
     p.add_argument("--no-match", action="store_true", help="do not rerun acopt-greedy at the baselines' measured peaks")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--seed", type=int, default=0)

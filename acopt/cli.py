@@ -19,11 +19,9 @@ import contextlib
 import copy
 import inspect
 import math
-import re
 import statistics
 import sys
 import time
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -78,24 +76,16 @@ def _int_at_least(low: int, what: str):
 
 _positive_int = _int_at_least(1, "a positive integer")
 _non_negative_int = _int_at_least(0, "0 or more")
-_PERCENT = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*%\s*$")  # as acopt.planning.resolve_budget reads it
 
 
 def _budget(text: str) -> str:
-    """A budget as acopt.plan takes it: bytes, a size like 6GiB, or 70% of the peak (kept as text)."""
-    from acopt.units import parse_bytes
+    """A budget as acopt.plan takes it (acopt.units.parse_budget's forms), checked, kept as text."""
+    from acopt.units import parse_budget
 
-    if "%" in text:
-        m = _PERCENT.match(text)
-        if m is None:
-            raise argparse.ArgumentTypeError(f"cannot parse {text!r}: expected a percentage like 70%")
-        if Fraction(m[1]) <= 0:
-            raise argparse.ArgumentTypeError(f"a percentage must be positive, got {text!r}")
-        return text
     try:
-        parse_bytes(text)
+        parse_budget(text)
     except (TypeError, ValueError) as e:
-        raise argparse.ArgumentTypeError(f"{e} (or a percentage of the peak like 70%)") from None
+        raise argparse.ArgumentTypeError(str(e)) from None
     return text
 
 
@@ -383,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="planner option, e.g. search=linear (repeatable)")  # fmt: skip
         sp.add_argument("--out", default="out")
 
-    budget_help = 'bytes, a size like "6GiB", or "70%%" of the no-recompute peak'
+    budget_help = 'bytes or a size ("6GiB"); a share of the no-recompute peak ("70%%" or 0.7); or of the way from the floor to it ("floor+50%%")'
     sp = add("plan", help="choose activations to recompute for a budget")
     sp.add_argument("profile", help="a .profile.json written by `acopt profile`")
     sp.add_argument("--budget", type=_budget, required=True, help=budget_help)

@@ -37,7 +37,7 @@ ACOPT_SOLVERS = ("greedy", "mu-two", "ilp", "cpsat")  # greedy: the default; mu-
 TORCH_SOLVERS = ("torch-greedy", "torch-dp", "torch-ilp")
 SOLVERS = ACOPT_SOLVERS + TORCH_SOLVERS
 EXACT = ("ilp", "cpsat")
-DEFAULT_BUDGETS = ("0.25", "0.5", "0.75")
+DEFAULT_BUDGETS = ("floor+25%", "floor+50%", "floor+75%")  # acopt.units.parse_budget's forms
 COLUMNS = (
     "model", "profile", "budget", "budget_bytes", "solver", "simulated_peak_bytes", "fits",
     "recompute_time_s", "optimum_s", "gap", "solve_time_s", "status",
@@ -124,24 +124,13 @@ def torch_plan(profile, budget_bytes: int, solver: str, ks: Knapsack | None = No
 
 
 def resolve_budgets(profile, budgets) -> list[tuple[str, int]]:
-    """Budget specs to (label, bytes). A number in [0, 1] is a fraction of the
-    way from ``acopt.floor`` to the no-recompute peak (label ``"25%"``);
-    anything else is an acopt budget (bytes, ``"6GiB"``, ``"70%"`` of the peak)."""
-    from acopt.planning import floor, no_recompute_peak, resolve_budget
+    """Budget specs to (label, bytes), in acopt's one budget syntax
+    (:func:`acopt.planning.resolve_budget`): ``"floor+25%"`` is a quarter of the
+    way from ``acopt.floor`` to the no-recompute peak, ``"70%"`` or ``0.7`` 70% of
+    the peak, ``"6GiB"`` bytes. The label is the spec as given."""
+    from acopt.planning import resolve_budget
 
-    lo, hi = floor(profile), no_recompute_peak(profile)
-    out = []
-    for spec in budgets:
-        try:
-            frac = float(spec)
-        except (TypeError, ValueError):
-            frac = None
-        if frac is not None and 0.0 <= frac <= 1.0:
-            out.append((f"{100 * frac:g}% floor->peak", int(lo + frac * (hi - lo))))
-        else:
-            b = resolve_budget(profile, spec if isinstance(spec, (int, float)) else str(spec))
-            out.append((str(spec), b))
-    return out
+    return [(str(spec), resolve_budget(profile, spec)) for spec in budgets]
 
 
 def compare_profile(profile, *, label: str = "", budgets=DEFAULT_BUDGETS, solvers=SOLVERS,
@@ -236,7 +225,7 @@ def markdown_table(rows: list[dict]) -> str:
             status += f" (bound {_ms(r['bound_s'])} ms)"
         solve = "" if r["solve_time_s"] == "" else f"{r['solve_time_s']:.2f}"
         lines.append("| " + " | ".join(str(x) for x in (
-            r["model"], r["profile"], r["budget"].replace(" floor->peak", ""), _mib(r["budget_bytes"]), r["solver"],
+            r["model"], r["profile"], r["budget"], _mib(r["budget_bytes"]), r["solver"],
             _mib(r["simulated_peak_bytes"]), fits, _ms(r["recompute_time_s"]), gap_s, solve, status,
         )) + " |")  # fmt: skip
     return "\n".join(lines) + "\n"
@@ -379,8 +368,8 @@ def add_compare_arguments(sp: argparse.ArgumentParser) -> None:
     """The options of ``acopt compare``."""
     sp.add_argument("profiles", nargs="*", help="profile JSON(.gz) files (default: ./benchmarks/profiles/* of a source checkout's root)")
     sp.add_argument("--budgets", nargs="+", default=list(DEFAULT_BUDGETS),
-                    help="a number in [0, 1]: that fraction of the way from the floor to the no-recompute peak "
-                         "(default 0.25 0.5 0.75); else an acopt budget: bytes, 6GiB, 70%% (of the peak)")  # fmt: skip
+                    help='as for acopt plan: "floor+25%%" a quarter of the way from the floor to the no-recompute '
+                         'peak (default floor+25%% floor+50%% floor+75%%), "70%%" or 0.7 of the peak, bytes, 6GiB')  # fmt: skip
     sp.add_argument("--solvers", nargs="+", default=list(SOLVERS), choices=SOLVERS, metavar="SOLVER",
                     help=f"any of {' '.join(SOLVERS)} (default: all)")  # fmt: skip
     sp.add_argument("--time-limit", type=float, default=60.0, help="seconds per exact solve (ilp, cpsat)")

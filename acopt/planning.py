@@ -40,7 +40,6 @@ import time
 import types
 import typing
 from collections.abc import Mapping
-from fractions import Fraction
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -48,7 +47,7 @@ from acopt.records import Profile, Region, from_plain
 from acopt.schedule import InvalidPlan
 from acopt.simulator import Simulation, memory_model, peak_bytes, peak_location, simulate
 from acopt.simulator import _facts as _profile_facts
-from acopt.units import format_bytes, parse_bytes
+from acopt.units import format_bytes, parse_budget
 
 PLAN_FORMAT_VERSION = 1
 ENTRY_POINT_GROUP = "acopt.planners"
@@ -281,29 +280,18 @@ def check_budget(profile: Profile, budget_bytes: int) -> None:
     )
 
 
-_PERCENT = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*%\s*$")
-
-
 def resolve_budget(profile: Profile, budget: int | float | str) -> int:
-    """Budget in bytes: an int, a size string (``"6GiB"``, :func:`parse_bytes`),
-    or a percentage of the no-recompute simulated peak (``"70%"``, rounded down)."""
-    if isinstance(budget, str):
-        m = _PERCENT.match(budget)
-        if m is not None:
-            pct = Fraction(m[1])
-            if pct <= 0:
-                raise ValueError(f"a budget percentage must be positive, got {budget!r}")
-            return math.floor(no_recompute_peak(profile) * pct / 100)
-        if "%" in budget:
-            raise ValueError(f"cannot parse budget {budget!r}: expected e.g. '70%'")
-        return parse_bytes(budget)
-    if isinstance(budget, float) and not isinstance(budget, bool):
-        if not math.isfinite(budget) or budget < 0:
-            raise ValueError(f"a budget must be a non-negative number of bytes, got {budget!r}")
-        return math.floor(budget)
-    if isinstance(budget, numbers.Integral) and not isinstance(budget, bool):
-        return parse_bytes(int(budget))
-    raise TypeError(f"a budget must be bytes (int), a size like '6GiB', or a percentage like '70%', not {budget!r}")
+    """Budget in bytes (rounded down) from any form :func:`acopt.units.parse_budget`
+    reads: bytes, a size (``"6GiB"``), a share of the no-recompute simulated peak
+    (``"70%"``, ``0.7``) or of the way from the floor to it (``"floor+50%"``)."""
+    spec = parse_budget(budget)
+    if spec.of == "bytes":
+        return spec.bytes
+    peak = no_recompute_peak(profile)
+    if spec.of == "peak":
+        return math.floor(peak * spec.share)
+    low = floor(profile)
+    return low + math.floor(max(0, peak - low) * spec.share)
 
 
 # ---- planners and the registry ---------------------------------------------------

@@ -13,15 +13,18 @@
 
 Binary prefixes (KiB, MiB, GiB, TiB) are powers of 1024, SI prefixes (kB, MB,
 GB, TB) powers of 1000, as their standards say. A bare number is bytes.
-Percentages ("70%") are not sizes: :func:`acopt.planning.resolve_budget`
-handles them, since they need a profile.
+Percentages ("70%") are not sizes: :func:`parse_budget` reads every budget
+form, and :func:`acopt.planning.resolve_budget` turns it into bytes, since the
+relative forms need a profile.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import re
+from fractions import Fraction
 
 _UNITS: dict[str, int] = {
     "": 1,
@@ -82,3 +85,72 @@ def format_bytes(n: int) -> str:
                 continue
             return f"{sign}{text} {unit}"
     raise AssertionError("unreachable")
+
+
+# ---- budgets ------------------------------------------------------------------------
+BUDGET_FORMS = (
+    'bytes or a size ("6GiB", "512MB"); a share of the no-recompute peak P ("70%", or a '
+    'fraction like 0.7 as in torch\'s activation_memory_budget); or a share of the way from '
+    'the floor F to P ("floor+50%": F + 0.5 * (P - F))'
+)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Budget:
+    """A parsed budget: ``bytes``, or ``share`` of the peak (``of="peak"``) or of
+    the way from the floor to the peak (``of="floor"``)."""
+
+    of: str  # "bytes", "peak" or "floor"
+    bytes: int = 0
+    share: Fraction = Fraction(0)
+
+
+_PERCENT_OF_PEAK = re.compile(r"^\s*(?P<num>[0-9]*\.?[0-9]+)\s*%\s*$")
+# "floor+50%"; "act50%" is the benchmark harness's older spelling of the same
+_PERCENT_ABOVE_FLOOR = re.compile(r"^\s*(?:floor\s*\+\s*|act\s*)(?P<num>[0-9]*\.?[0-9]+)\s*%\s*$", re.IGNORECASE)
+_FRACTION = re.compile(r"^\s*(?P<num>[0-9]*\.[0-9]+|[0-9]+\.[0-9]*|[0-9.]+[eE][+-]?[0-9]+)\s*$")
+
+
+def parse_budget(budget: int | float | str) -> Budget:
+    """Read a budget in any of its forms (``BUDGET_FORMS``).
+
+    An int is bytes. A float or a bare decimal string in (0, 1] is that
+    fraction of the peak (``0.6`` is 60%, never 0 bytes); above 1 it is bytes.
+    ``"70%"`` is 70% of the peak (more than 100% is allowed), ``"floor+50%"``
+    halfway from the floor to the peak (0% to 100%), ``"floor"`` the floor.
+    Raises ``ValueError`` (what forms there are) or ``TypeError``.
+    """
+    if isinstance(budget, bool) or not isinstance(budget, (numbers.Real, str)):
+        raise TypeError(f"a budget must be {BUDGET_FORMS}; not {budget!r}")
+    if isinstance(budget, numbers.Integral):
+        return Budget("bytes", bytes=parse_bytes(int(budget)))
+    if isinstance(budget, numbers.Real):
+        value = float(budget)
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"a budget must be positive and finite, got {budget!r}")
+        if value <= 1:
+            return Budget("peak", share=Fraction(value).limit_denominator(10**9))
+        return Budget("bytes", bytes=math.floor(value))
+    text = budget.strip()
+    if text.lower() == "floor":
+        return Budget("floor")
+    for pattern, of in ((_PERCENT_ABOVE_FLOOR, "floor"), (_PERCENT_OF_PEAK, "peak")):
+        m = pattern.match(text)
+        if m is not None:
+            share = Fraction(m["num"]) / 100
+            if of == "peak" and share <= 0:
+                raise ValueError(f"a budget percentage must be positive, got {budget!r}")
+            if of == "floor" and share > 1:
+                raise ValueError(f"budget {budget!r}: the way from the floor to the peak goes from 0% to 100%")
+            return Budget(of, share=share)
+    if "%" in text:
+        raise ValueError(f"cannot parse budget {budget!r}: expected {BUDGET_FORMS}")
+    m = _FRACTION.match(text)
+    if m is not None and Fraction(m["num"]) <= 1:
+        if Fraction(m["num"]) <= 0:
+            raise ValueError(f"a budget must be positive, got {budget!r}")
+        return Budget("peak", share=Fraction(m["num"]))
+    try:
+        return Budget("bytes", bytes=parse_bytes(text))
+    except ValueError as e:
+        raise ValueError(f"{e}; a budget is {BUDGET_FORMS}") from None

@@ -51,6 +51,8 @@ USAGE_ERRORS = [
     (["run", "mlp", "--budget", "abc"], "argument --budget"),
     (["run", "mlp", "--budget", "0%"], "argument --budget"),
     (["run", "mlp", "--budget", "7x%"], "argument --budget"),
+    (["run", "mlp", "--budget", "0.0"], "argument --budget: a budget must be positive"),  # never 0 bytes
+    (["run", "mlp", "--budget", "floor+120%"], "argument --budget"),
     (["run", "mlp", "--steps", "0"], "argument --steps"),
     (["run", "mlpp"], "unknown model 'mlpp'"),
     (["run", "no_such_module:factory"], "argument model"),

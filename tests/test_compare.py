@@ -59,7 +59,7 @@ def test_every_solver_gets_a_row_per_budget(chain_rows):
     assert len(rows) == len(compare.DEFAULT_BUDGETS) * len(compare.SOLVERS)
     lo, hi = floor(prof), no_recompute_peak(prof)
     budgets = sorted({r["budget_bytes"] for r in rows})
-    assert budgets == [int(lo + f * (hi - lo)) for f in (0.25, 0.5, 0.75)]
+    assert budgets == [lo + (hi - lo) * q // 4 for q in (1, 2, 3)]  # floor+25%, +50%, +75%
     for b in budgets:
         assert [r["solver"] for r in rows if r["budget_bytes"] == b] == list(compare.SOLVERS)
     for r in rows:
@@ -125,8 +125,10 @@ def test_knapsack_times_are_the_profiles_single_recompute_times():
 def test_budget_specs():
     prof = chain_profile(4)
     lo, hi = floor(prof), no_recompute_peak(prof)
-    out = compare.resolve_budgets(prof, ["0", "0.5", "1", "90%", "5000"])
-    assert [b for _, b in out] == [lo, int(lo + (hi - lo) / 2), hi, int(hi * 0.9), 5000]
+    specs = ["floor", "floor+50%", "floor+100%", "90%", "0.9", 0.9, "5000"]
+    out = compare.resolve_budgets(prof, specs)
+    assert [b for _, b in out] == [lo, lo + (hi - lo) // 2, hi, hi * 9 // 10, hi * 9 // 10, hi * 9 // 10, 5000]
+    assert [label for label, _ in out] == [str(s) for s in specs]
 
 
 @pytest.mark.skipif(not MLP.exists(), reason="the corpus is not in this checkout")
@@ -135,7 +137,7 @@ def test_cli_compare_writes_csv_markdown_and_plots(tmp_path):
 
     from acopt.cli import main
 
-    rc = main(["compare", str(MLP), "--budgets", "0.5", "--time-limit", "10", "--out", str(tmp_path)])
+    rc = main(["compare", str(MLP), "--budgets", "floor+50%", "--time-limit", "10", "--out", str(tmp_path)])
     assert rc == 0
     with open(tmp_path / "compare.csv") as f:
         rows = list(csv.DictReader(f))

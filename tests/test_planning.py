@@ -155,11 +155,18 @@ def test_resolve_budget():
     assert resolve_budget(profile, "70%") == math.floor(5404 * 0.7)
     assert resolve_budget(profile, "33.3%") == 5404 * 333 // 1000
     assert resolve_budget(profile, 4096.7) == 4096
+    # fractions of the peak as torch's activation_memory_budget writes them: never 0 bytes
+    assert resolve_budget(profile, 0.6) == resolve_budget(profile, "0.6") == resolve_budget(profile, "60%") == 3242
+    assert resolve_budget(profile, 1.0) == resolve_budget(profile, "1.0") == peak
+    lo = floor(profile)
+    assert resolve_budget(profile, "floor") == lo
+    assert resolve_budget(profile, "floor+50%") == resolve_budget(profile, "act50%") == lo + (peak - lo) // 2
+    assert resolve_budget(profile, "floor+100%") == peak
     with pytest.raises(TypeError):
         resolve_budget(profile, True)
     with pytest.raises(TypeError):
         resolve_budget(profile, [5000])
-    for bad in ("lots", "-5%", "0%", "5%%", "-1", "6 GB/s"):
+    for bad in ("lots", "-5%", "0%", "5%%", "-1", "6 GB/s", 0.0, -0.5, float("nan"), "0.0", "floor+101%", "floor-5%"):
         with pytest.raises(ValueError):
             resolve_budget(profile, bad)
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from acopt.units import format_bytes, parse_bytes
+from acopt.units import format_bytes, parse_budget, parse_bytes
 
 
 @pytest.mark.parametrize(
@@ -75,3 +77,33 @@ def test_format_bytes(n, text):
 def test_format_then_parse_is_close(n):
     text = format_bytes(n)
     assert abs(parse_bytes(text) - n) <= max(0.006 * n, 1)
+
+
+@pytest.mark.parametrize(
+    "spec, of, amount",
+    [
+        (5000, "bytes", 5000),
+        ("6GiB", "bytes", 6 * 1024**3),
+        ("1", "bytes", 1),  # an integer is bytes
+        (6e9, "bytes", 6 * 10**9),
+        (0.6, "peak", Fraction(3, 5)),  # as torch's activation_memory_budget: 60%, never 0 bytes
+        ("0.6", "peak", Fraction(3, 5)),
+        ("1.0", "peak", Fraction(1)),
+        ("70%", "peak", Fraction(7, 10)),
+        ("150%", "peak", Fraction(3, 2)),
+        ("floor", "floor", Fraction(0)),
+        ("floor+25%", "floor", Fraction(1, 4)),
+        ("Floor + 25 %", "floor", Fraction(1, 4)),
+        ("act50%", "floor", Fraction(1, 2)),  # the harness's older spelling
+    ],
+)
+def test_parse_budget(spec, of, amount):
+    got = parse_budget(spec)
+    assert got.of == of
+    assert (got.bytes if of == "bytes" else got.share) == amount
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("inf"), "0.0", "0%", "floor+101%", "floor-5%", "lots", "5%%"])
+def test_parse_budget_refuses_what_is_no_budget(bad):
+    with pytest.raises(ValueError, match="budget"):
+        parse_budget(bad)
