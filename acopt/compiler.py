@@ -12,11 +12,16 @@ shape; a "70%" budget is relative to each shape's own peak. The same happens
 when a guard fails (``model.eval()``, a frozen parameter, a swapped module,
 ``add_param_group``...: :mod:`acopt.guards`): the step is traced and planned
 again, with a warning that says why (once per reason).
+
+Logging (``logging.getLogger("acopt")``): every (re-)plan and its reason at
+INFO, each guard that a kept variant misses at DEBUG; ``Report.as_dict()``
+gives the numbers for tensorboard or wandb.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 import warnings
 from collections.abc import Callable
@@ -26,7 +31,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from acopt.errors import GuardFailure
-from acopt.planning import Plan, plan
+from acopt.planning import Plan, floor, plan
 from acopt.profiler import profile
 from acopt.records import Profile
 from acopt.rewriter import rewrite
@@ -34,6 +39,7 @@ from acopt.simulator import simulate
 from acopt.tracer import OptimizerSet, TracedStep, trace
 from acopt.units import format_bytes
 
+logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Report:
@@ -42,6 +48,7 @@ class Report:
     batch_shapes: tuple[tuple[int, ...], ...]
     peak_before_bytes: int
     peak_after_bytes: int
+    floor_bytes: int  # the lowest peak recomputation reaches (acopt.floor)
     budget_bytes: int
     step_time_s: float
     recompute_time_s: float
@@ -56,10 +63,19 @@ class Report:
         """Predicted step-time overhead of recomputation (fraction of the step)."""
         return self.recompute_time_s / self.step_time_s if self.step_time_s else 0.0
 
+    def as_dict(self) -> dict[str, Any]:
+        """Plain numbers and strings (``overhead`` included), e.g. for
+        ``writer.add_scalars("acopt", {k: v for k, v in r.as_dict().items() if isinstance(v, (int, float))})``
+        or ``wandb.log(r.as_dict())``."""
+        out = dataclasses.asdict(self)
+        out["batch_shapes"] = [list(s) for s in self.batch_shapes]
+        out["overhead"] = self.overhead
+        return out
+
     def __str__(self) -> str:
         return (
             f"acopt: peak {format_bytes(self.peak_before_bytes)} -> {format_bytes(self.peak_after_bytes)} "
-            f"(budget {format_bytes(self.budget_bytes)}), recomputing {self.recomputed}/{self.activations} "
+            f"(budget {format_bytes(self.budget_bytes)}, floor {format_bytes(self.floor_bytes)}), recomputing {self.recomputed}/{self.activations} "
             f"activations, predicted overhead {self.overhead:.1%} "
             f"({self.recompute_time_s * 1e3:.2f} ms of {self.step_time_s * 1e3:.2f} ms), "
             f"solver {self.solver} ({self.status}), compiled in {self.compile_time_s:.1f} s"
@@ -107,12 +123,14 @@ class CompiledStep:
             try:
                 inputs = compiled.step.flat_inputs(*batch)  # checks every guard
             except GuardFailure as e:
+                logger.debug("a kept variant does not serve this call: %s", e)
                 failure = e
                 continue
             self._last = compiled
             return compiled.step.run(inputs)
         if failure is not None:
             reason = str(failure)
+            logger.info("tracing and planning the step again: %s", reason)
             if reason not in self._warned:
                 self._warned.add(reason)
                 warnings.warn(f"acopt: tracing and planning the step again: {reason}", stacklevel=2)
@@ -131,6 +149,7 @@ class CompiledStep:
             batch_shapes=tuple(tuple(b.shape) for b in pytree.tree_leaves(batch) if isinstance(b, torch.Tensor)),
             peak_before_bytes=prof.peak_bytes,
             peak_after_bytes=sim.peak_bytes,
+            floor_bytes=floor(prof),
             budget_bytes=chosen.budget_bytes,
             step_time_s=prof.total_time_s,
             recompute_time_s=sim.recompute_time_s,
@@ -140,6 +159,7 @@ class CompiledStep:
             status=chosen.status.value,
             compile_time_s=time.perf_counter() - start,
         )
+        logger.info("compiled for batch shapes %s: %s", list(report.batch_shapes), report)
         compiled = _Compiled(traced, prof, chosen, step, report)
         entries = self._compiled.setdefault(_signature(batch), [])
         entries.append(compiled)
@@ -188,7 +208,7 @@ def compile(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     *batch: torch.Tensor,
-    budget: int | str,
+    budget: int | float | str,
     solver: str = "greedy",
     warmup: int = 1,
     iterations: int = 3,

@@ -33,6 +33,7 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import logging
 import math
 import numbers
 import re
@@ -48,6 +49,8 @@ from acopt.schedule import InvalidPlan
 from acopt.simulator import Simulation, memory_model, peak_bytes, peak_location, simulate
 from acopt.simulator import _facts as _profile_facts
 from acopt.units import format_bytes, parse_budget
+
+logger = logging.getLogger(__name__)  # acopt.planning: one INFO line per plan
 
 PLAN_FORMAT_VERSION = 1
 ENTRY_POINT_GROUP = "acopt.planners"
@@ -644,8 +647,8 @@ def check_plan(profile: Profile, result: Any, *, budget_bytes: int | None = None
 def plan(profile: Profile, *, budget: int | float | str, solver: str = "greedy", **options: Any) -> Plan:
     """Choose activations to recompute so that ``profile``'s step fits ``budget``.
 
-    ``budget``: bytes, a size like ``"6GiB"``, or ``"70%"`` of the no-recompute
-    peak. ``solver``: a registered planner (:func:`planners`). ``options``: the
+    ``budget``: bytes, a size like ``"6GiB"``, ``"70%"`` (or ``0.7``) of the
+    no-recompute peak, or ``"floor+50%"`` (:func:`resolve_budget`). ``solver``: a registered planner (:func:`planners`). ``options``: the
     planner's options (e.g. ``search="linear"`` for greedy).
 
     Raises :class:`InfeasibleBudget` below the floor, ``ValueError`` for an
@@ -666,4 +669,9 @@ def plan(profile: Profile, *, budget: int | float | str, solver: str = "greedy",
     check_budget(profile, budget_bytes)
     result = spec.planner(profile=profile, budget_bytes=budget_bytes, options=opts)
     check_plan(profile, result, budget_bytes=budget_bytes)
+    logger.info(
+        "%s: %s, %d of %d recomputed, budget %s (floor %s, peak %s), %.2f s", spec.name, result.status.value,
+        len(result.recompute), len(memory_model(profile).candidates), format_bytes(budget_bytes),
+        format_bytes(floor(profile)), format_bytes(no_recompute_peak(profile)), result.solve_time_s,
+    )  # fmt: skip
     return result

@@ -11,6 +11,7 @@ gap and model size.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -22,6 +23,8 @@ from acopt.schedule import InvalidPlan
 from acopt.simulator import peak_bytes, simulate
 
 from .model import Formulation, ModelSize
+
+logger = logging.getLogger(__name__)  # acopt.solvers.exact: one line per build and solve (DEBUG)
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -366,7 +369,10 @@ def run(
             if warm.fits:
                 incumbent = warm.recompute
                 greedy_note = f"greedy warm start: {warm.recompute_time_s:.6g} s"
-    log = _stderr_log if getattr(options, "verbose", False) else None
+    log = _log if logger.isEnabledFor(logging.DEBUG) else None
+    if getattr(options, "verbose", False):
+        log = _verbose_log
+    logger.debug("%s: budget %d bytes, limit %g s; %s", solver, budget_bytes, options.time_limit_s, greedy_note)
     out = solve(
         profile, budget=budget_bytes, make_backend=make_backend, time_limit_s=options.time_limit_s,
         rel_gap=options.rel_gap, incumbent=incumbent, chain_depth=getattr(options, "chain_depth", 1), log=log,
@@ -406,9 +412,15 @@ def run(
     )  # fmt: skip
 
 
-def _stderr_log(line: str) -> None:
+def _log(line: str) -> None:
+    """Solver progress, one DEBUG record of the ``acopt.solvers.exact`` logger per build and solve."""
+    logger.debug("%s", line)
+
+
+def _verbose_log(line: str) -> None:
     import sys
 
+    _log(line)
     print(f"[exact] {line}", file=sys.stderr, flush=True)
 
 
