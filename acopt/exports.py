@@ -38,6 +38,7 @@ def activation_frame(profile: Profile) -> pd.DataFrame:
     columns = [
         "activation_name",
         "node_name",
+        "module",
         "creation_rank",
         "last_fw_use_rank",
         "first_bw_use_rank",
@@ -52,6 +53,7 @@ def activation_frame(profile: Profile) -> pd.DataFrame:
         (
             a.name,
             a.node,
+            a.module,
             a.creation_rank,
             a.last_fw_use_rank,
             a.first_bw_use_rank,

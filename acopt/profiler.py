@@ -40,6 +40,7 @@ from acopt.records import (
     Role,
     StorageRecord,
 )
+from acopt.progress import bar as progress_bar
 from acopt.schedule import InvalidPlan, MemoryModel
 from acopt.tracer import TracedStep
 
@@ -150,9 +151,13 @@ class StepInterpreter:
             if self.nodes[i].op != OUTPUT:
                 self.frees[i].append(n)
 
-    def run(self, inputs: list[Any], *, record: bool = True, annotate: bool = False) -> tuple[Any, _Run]:
+    def run(
+        self, inputs: list[Any], *, record: bool = True, annotate: bool = False,
+        on_node: Callable[[int], None] | None = None,
+    ) -> tuple[Any, _Run]:  # fmt: skip
         """One pass over the graph. ``annotate`` wraps each node in a profiler
-        range ``acopt::{index}`` (for :func:`measure_temp_bytes`) instead of timing it."""
+        range ``acopt::{index}`` (for :func:`measure_temp_bytes`) instead of timing it.
+        ``on_node`` is called with the number of nodes done (progress)."""
         env: dict[fx.Node, Any] = {}
         storage_name = _storage_names(self.nodes)
         live: dict[int, list] = {}  # storage key -> [name, bytes, refs]
@@ -163,6 +168,8 @@ class StepInterpreter:
         sync = torch.cuda.synchronize if self.device.type == "cuda" else None
         out_value = None
         for i, node in enumerate(self.nodes):
+            if on_node is not None:
+                on_node(i)
             flops = 0.0
             if node.op == PLACEHOLDER:
                 value = next(args_iter)
@@ -411,16 +418,18 @@ def profile(
 
             mode = FakeTensorMode(allow_non_fake_inputs=False)
             detached = [t.detach() if isinstance(t, torch.Tensor) else t for t in inputs]  # no autograd on fakes
+            bar = progress_bar(len(interp.nodes), "profiling on fake tensors", progress)
             with mode, torch.enable_grad():
                 fake_inputs = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in detached]
-                _, run = interp.run(fake_inputs)
+                _, run = interp.run(fake_inputs, on_node=bar)
+            bar(len(interp.nodes))
             runs = [run]
             temps = [0] * len(interp.nodes)  # workspace is not visible without kernels
         else:
             copies = [t.detach().clone() if isinstance(t, torch.Tensor) else t for t in inputs]
             runs = []
             total = warmup + iterations
-            bar = _progress(total, progress, "profiling")
+            bar = progress_bar(total, "profiling", progress)
             with torch.enable_grad():
                 for it in range(total):
                     _, run = interp.run(copies, record=True)
@@ -433,23 +442,6 @@ def profile(
     return _build_profile(
         traced, interp, runs, temps, fake=fake, device=device, model_name=model_name, iterations=iterations
     )
-
-
-def _progress(total: int, enabled: bool, label: str) -> Callable[[int], None]:
-    if not enabled:
-        return lambda _: None
-    from rich.progress import Progress
-
-    prog = Progress(transient=True)
-    task = prog.add_task(label, total=total)
-    prog.start()
-
-    def update(done: int) -> None:
-        prog.update(task, completed=done)
-        if done >= total:
-            prog.stop()
-
-    return update
 
 
 @dataclasses.dataclass(slots=True)
@@ -534,7 +526,9 @@ def _build_profile(traced, interp, runs, temps, *, fake, device, model_name, ite
         nodes=tuple(records), storages=storages, timeline=timeline, peak_bytes=max(timeline),
         rng_state_bytes=state_bytes(device), meta=meta,
     )  # fmt: skip
-    return _with_activations(bare)
+    from acopt.module_names import module_of
+
+    return _with_activations(bare, modules={n.name: module_of(n) for n in nodes})
 
 
 def _bytes_moved(node: fx.Node, run: _Run, i: int) -> float:
@@ -564,8 +558,9 @@ def _placeholder_roles(traced: TracedStep, nodes, run: _Run) -> dict[str, Role]:
     return roles
 
 
-def _with_activations(profile: Profile) -> Profile:
-    """Add roles of computed storages and one ActivationRecord per activation."""
+def _with_activations(profile: Profile, modules: dict[str, str] | None = None) -> Profile:
+    """Add roles of computed storages and one ActivationRecord per activation
+    (``modules``: node name -> the module path that made it, acopt.module_names)."""
     model = MemoryModel(profile)
     index = profile.node_index
     nodes = profile.nodes
@@ -602,6 +597,7 @@ def _with_activations(profile: Profile) -> Profile:
                 recomp_time_s=recomp,
                 sources=tuple(sources),
                 recomputable=a in candidates,
+                module=(modules or {}).get(st.node, ""),
             )
         )
     storages = []

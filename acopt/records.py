@@ -105,7 +105,9 @@ class ActivationRecord:
 
     Ranks are node positions in the step graph. ``sources`` and
     ``recomp_time_s`` are for recomputing this activation alone, with every
-    other activation kept (docs/memory-model.md, rule 4).
+    other activation kept (docs/memory-model.md, rule 4). ``module``: the
+    dotted path of the submodule whose forward made it (acopt.module_names;
+    "" outside any submodule, and in profiles written before it existed).
     """
 
     name: str
@@ -119,6 +121,7 @@ class ActivationRecord:
     recomp_time_s: float
     sources: tuple[str, ...]
     recomputable: bool
+    module: str = ""
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)

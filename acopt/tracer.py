@@ -52,6 +52,7 @@ from torch.nn.utils import stateless
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils import _pytree as pytree
 
+from acopt import module_names
 from acopt.errors import GuardFailure, UnsupportedStep
 from acopt.guards import Guards, tensor_meta
 from acopt.hyperparams import Book, InputKey, literal_values
@@ -1070,6 +1071,7 @@ def _trace(train_step, model, optimizer_arg, optimizers, layout, batch, params, 
             stack.enter_context(_deferred_schedulers(after_step, counters))
             stack.enter_context(_graph_grad_scalers())
             stack.enter_context(_dynamo_disabled())
+            stack.enter_context(module_names.recording(model))
             gm = make_fx(flat_step, tracing_mode="fake", _allow_non_fake_inputs=True)(*flat)
     except UnsupportedStep:
         raise
