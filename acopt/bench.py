@@ -661,12 +661,17 @@ def sweep_model(config: Config, run: ModelRun, env: dict) -> list[dict]:
     return rows
 
 
+def _floor_note(row: dict) -> str:
+    floor = row.get("floor_bytes")
+    return f" (floor {floor / MiB:.2f})" if isinstance(floor, (int, float)) else ""
+
+
 def _row_line(row: dict, seconds: float) -> str:
     head = f"  {row['method']:13s} {row.get('budget', ''):24s}"
     if row["status"] != "ok":
         return f"{head} {row['status']}: {row.get('error', '')[:160]} ({seconds:.1f}s)"
     return (
-        f"{head} peak {row['peak_bytes'] / MiB:9.2f} MiB  step {row['step_time_s'] * 1e3:9.2f} ms  "
+        f"{head} peak {row['peak_bytes'] / MiB:9.2f} MiB{_floor_note(row)}  step {row['step_time_s'] * 1e3:9.2f} ms  "
         f"bitwise={row.get('bitwise_vs_reference', '')} loss diff {row.get('loss_max_abs_diff_vs_none', '')} ({seconds:.1f}s)"
     )
 

@@ -28,7 +28,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-console = Console()
+console = Console(markup=False)  # what acopt prints is text: "pip install 'acopt[models]'" and paths stay whole
 
 
 class UsageError(Exception):
@@ -75,6 +75,16 @@ def _int_at_least(low: int, what: str):
 
 
 _positive_int = _int_at_least(1, "a positive integer")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
 _non_negative_int = _int_at_least(0, "0 or more")
 
 
@@ -120,7 +130,7 @@ def _plan(prof, args):
     from acopt.units import format_bytes
 
     try:
-        return acopt.plan(prof, budget=args.budget, solver=args.solver, **_options(args.option))
+        return acopt.plan(prof, budget=args.budget, solver=args.solver, **_planner_options(args))
     except InfeasibleBudget as e:
         peak = no_recompute_peak(prof)
         floor = getattr(e, "floor_bytes", None)
@@ -134,6 +144,21 @@ def _plan(prof, args):
         raise UsageError(f"{e}; {hint}") from e
 
 
+def _planner_options(args) -> dict[str, Any]:
+    """--option KEY=VALUE pairs, with --time-limit as the exact planners' time_limit_s."""
+    options = _options(args.option)
+    if getattr(args, "time_limit", None) is not None:
+        options["time_limit_s"] = args.time_limit
+    return options
+
+
+def _option_fields(spec) -> dict[str, Any]:
+    """A planner's options and their defaults (its options dataclass)."""
+    import dataclasses
+
+    return {f.name: f.default for f in dataclasses.fields(spec.options_type)}
+
+
 def _prefix(args) -> str:
     """Output file stem: model, batch size and any --model-arg (seq_len=128 -> _seq_len128)."""
     extra = "".join(f"_{k}{_model_label(str(v))}" for k, v in sorted(_options(args.model_arg).items()))
@@ -142,6 +167,11 @@ def _prefix(args) -> str:
     if getattr(args, "amp", None):
         extra += f"_{args.amp}"
     return f"{_model_label(args.model)}_bs{args.batch_size}{extra}"
+
+
+def _without_batch(stem: str, prof) -> str:
+    """A file stem less its ``_bs{N}`` (the decisions file's name has it first)."""
+    return stem.replace(f"_bs{prof.meta.batch_size}", "", 1)
 
 
 def _model_label(name: str) -> str:
@@ -185,6 +215,7 @@ def cmd_profile(args) -> int:
     table.add_row("nodes", str(len(prof.nodes)))
     table.add_row("activations (recomputable)", f"{len(prof.activations)} ({len(MemoryModel(prof).candidates)})")
     table.add_row("peak", format_bytes(prof.peak_bytes))
+    table.add_row("floor (all recomputable recomputed)", format_bytes(acopt.floor(prof)))
     table.add_row("step time" + (" (estimated)" if args.fake else ""), f"{prof.total_time_s * 1e3:.1f} ms")
     table.add_row("trace + profile time", f"{time.perf_counter() - t0:.1f} s (trace {t_trace:.1f} s)")
     console.print(table)
@@ -196,16 +227,20 @@ def cmd_plan(args) -> int:
     import acopt
     from acopt.plan_outputs import plot_timelines, write_decisions_csv
 
+    from acopt.progress import working
+
     prof = _load_profile(args.profile)
-    plan = _plan(prof, args)
+    with working(f"planning with {args.solver}"):
+        plan = _plan(prof, args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     sim = acopt.simulate(prof, plan)
-    stem = Path(args.profile).name.removesuffix(".json").removesuffix(".profile")
+    stem = Path(args.profile).name.removesuffix(".gz").removesuffix(".json").removesuffix(".profile")
     plan.to_json(out / f"{stem}.{args.solver}.plan.json")
-    decisions = write_decisions_csv(prof, plan, out)
+    decisions = write_decisions_csv(prof, plan, out, label=_without_batch(stem, prof))
     plot_timelines(prof, {f"{args.solver} ({len(plan.recompute)} recomputed)": plan}, out / f"{stem}.{args.solver}_timeline.png")
     console.print(_plan_table(prof, {args.solver: plan}))
+    _print_modules(prof, plan)
     console.print(f"peak sits at {sim.peak_node} ({sim.peak_region.value}); wrote {decisions}")
     return 0
 
@@ -214,7 +249,9 @@ def _plan_table(prof, plans: dict[str, Any]) -> Table:
     import acopt
     from acopt.units import format_bytes
 
-    table = Table(title="plans")
+    from acopt.planning import no_recompute_peak
+
+    table = Table(title=f"plans (no-recompute peak {format_bytes(no_recompute_peak(prof))}, floor {format_bytes(acopt.floor(prof))})")
     for col in ("solver", "status", "budget", "predicted peak", "recomputed", "recompute time", "solve time"):
         table.add_column(col, justify="right")
     for name, plan in plans.items():
@@ -226,20 +263,41 @@ def _plan_table(prof, plans: dict[str, Any]) -> Table:
     return table
 
 
+def _print_modules(prof, plan, top: int = 10) -> None:
+    """The recomputed activations by the module that made them (nothing for profiles without module names)."""
+    from acopt.plan_outputs import recompute_by_module
+    from acopt.units import format_bytes
+
+    if not plan.recompute or not any(a.module for a in prof.activations):
+        return
+    frame = recompute_by_module(prof, plan)
+    table = Table(title=f"recomputed, by module ({len(frame)} modules{f', top {top}' if len(frame) > top else ''})")
+    for col in ("module", "activations", "bytes", "recompute time"):
+        table.add_column(col, justify="left" if col == "module" else "right")
+    for row in frame.head(top).itertuples():
+        table.add_row(row.module or "(outside any submodule)", str(row.recomputed),
+                      format_bytes(row.size_bytes), f"{row.block_time_s * 1e3:.2f} ms")  # fmt: skip
+    console.print(table)
+
+
 def cmd_sweep(args) -> int:
     import acopt
     from acopt.plan_outputs import plot_sweep, sweep
+    from acopt.progress import working
+    from acopt.units import format_bytes
 
     prof = _load_profile(args.profile)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     lo, hi = acopt.floor(prof), prof.peak_bytes
     budgets = [int(lo + (hi - lo) * i / (args.points - 1)) for i in range(args.points)]
-    frame = sweep(prof, solver=args.solver, budgets=budgets, **_options(args.option))
-    stem = Path(args.profile).name.removesuffix(".json").removesuffix(".profile")
+    with working(f"sweeping {args.points} budgets with {args.solver}"):
+        frame = sweep(prof, solver=args.solver, budgets=budgets, **_planner_options(args))
+    stem = Path(args.profile).name.removesuffix(".gz").removesuffix(".json").removesuffix(".profile")
     frame.to_csv(out / f"{stem}.{args.solver}_sweep.csv", index=False)
     plot_sweep(frame, out / f"{stem}.{args.solver}_sweep.png")
     console.print(frame.to_string(index=False))
+    console.print(f"floor {format_bytes(lo)} ({lo} bytes), no-recompute peak {format_bytes(hi)} ({hi} bytes)")
     return 0
 
 
@@ -251,6 +309,7 @@ def cmd_run(args) -> int:
     from acopt.exports import write_profile_csvs
     from acopt.plan_outputs import plot_timelines, write_decisions_csv
     from acopt.profiler import allocator_peak_bytes
+    from acopt.progress import working
     from acopt.units import format_bytes
 
     out = Path(args.out)
@@ -260,7 +319,7 @@ def cmd_run(args) -> int:
     with console.status("tracing"):
         traced = acopt.trace(w.train_step, w.model, w.optimizer, *w.batch)
     prof = acopt.profile(traced, *w.batch, warmup=1, iterations=args.iterations, model_name=args.model, progress=True)
-    with console.status(f"planning with {args.solver}"):
+    with working(f"planning with {args.solver}"):
         plan = _plan(prof, args)
     sim = acopt.simulate(prof, plan)
     rewritten = acopt.rewrite(traced, plan, profile=prof)
@@ -268,7 +327,7 @@ def cmd_run(args) -> int:
     prof.to_json(out / f"{prefix}.profile.json")
     plan.to_json(out / f"{prefix}.{args.solver}.plan.json")
     write_profile_csvs(prof, out, prefix)
-    write_decisions_csv(prof, plan, out)
+    write_decisions_csv(prof, plan, out, label=_without_batch(prefix, prof))
     plot_timelines(prof, {f"{args.solver}": plan}, out / f"{prefix}_timeline.png")
     (out / f"{prefix}.rewritten.py").write_text(rewritten.print_readable())
 
@@ -319,15 +378,17 @@ def cmd_run(args) -> int:
     table.add_row("peak, simulated", format_bytes(prof.peak_bytes), format_bytes(sim.peak_bytes))
     table.add_row("peak, measured (storage accounting)", format_bytes(prof.peak_bytes), format_bytes(measured.peak_bytes))
     table.add_row("peak, allocator", format_bytes(alloc_before), format_bytes(alloc_after))
+    table.add_row("floor (lowest reachable peak, simulated)", "", format_bytes(acopt.floor(prof)))
     table.add_row(f"step time (median of {args.timing_steps})", f"{t_before * 1e3:.2f} ms", f"{t_after * 1e3:.2f} ms ({t_after / t_before - 1:+.1%})")
     table.add_row("recompute time (profiled)", "0", f"{sim.recompute_time_s * 1e3:.2f} ms")
     table.add_row("recomputed activations", f"0 / {len(prof.activations)}", f"{len(plan.recompute)} / {len(prof.activations)}")
     table.add_row("solver, status", "", f"{plan.solver}, {plan.status.value} ({plan.solve_time_s:.2f} s)")
     table.add_row("bitwise equal over %d steps" % args.steps, "", "yes" if same else "NO")
     console.print(table)
+    _print_modules(prof, plan)
     console.print(f"peak now sits at {sim.peak_node} ({sim.peak_region.value}); files in {out}/ ({time.perf_counter() - t0:.0f} s)")
     if not same or measured.peak_bytes != sim.peak_bytes:
-        console.print("[red]check failed: the rewritten step differs from the plan or the original[/red]")
+        console.print("check failed: the rewritten step differs from the plan or the original", style="red")
         return 1
     return 0
 
@@ -369,8 +430,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     def plan_args(sp):
         sp.add_argument("--solver", default="greedy", help="a registered planner (see `acopt solvers`; default greedy)")
+        sp.add_argument("--time-limit", type=_positive_float, metavar="SECONDS",
+                        help="wall-clock limit of an exact solve (ilp, cpsat; default 60): the best plan found by "
+                             "then is returned, status time_limit")  # fmt: skip
         sp.add_argument("--option", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
-                        help="planner option, e.g. search=linear (repeatable)")  # fmt: skip
+                        help="planner option, e.g. threads=4 for ilp or kicks=16 for greedy (repeatable; "
+                             "each planner's options and defaults: `acopt solvers`)")  # fmt: skip
         sp.add_argument("--out", default="out")
 
     budget_help = 'bytes or a size ("6GiB"); a share of the no-recompute peak ("70%%" or 0.7); or of the way from the floor to it ("floor+50%%")'
@@ -435,10 +500,12 @@ def check_args(args) -> None:
             spec = get_planner(args.solver)
         except (PlannerUnavailable, ValueError) as e:
             fail(f"argument --solver: {e}")
+        if args.time_limit is not None and "time_limit_s" not in _option_fields(spec):
+            fail(f"argument --time-limit: {spec.name} has no time limit (the exact planners have: see `acopt solvers`)")
         try:
-            make_options(spec, _options(args.option))
+            make_options(spec, _planner_options(args))
         except (TypeError, ValueError) as e:
-            fail(f"argument --option: {e}")
+            fail(f"argument --option: {e} ({spec.name}'s options: see `acopt solvers`)")
     if hasattr(args, "model"):
         _check_model(args, fail)
         if args.device == "cuda" and not getattr(args, "fake", False):
@@ -493,21 +560,28 @@ def _check_model(args, fail) -> None:
 
 
 def cmd_solvers(args) -> int:
+    """Each registered planner: kind, what it needs, what it does, and its options (--option KEY=VALUE)."""
     from acopt.planning import planners
 
     for name, spec in planners().items():
         kind = "exact" if spec.exact else "heuristic"
         needs = ", ".join(spec.requires) or "-"
         print(f"{name:10s} {kind:9s} needs: {needs}")
+        if spec.description:
+            print(f"    {spec.description}")
+        options = " ".join(f"{k}={v!r}" for k, v in _option_fields(spec).items())
+        print(f"    options: {options or '-'}" + ("  (--time-limit sets time_limit_s)" if "time_limit_s" in options else ""))
     return 0
 
 
 def cmd_compare(args) -> int:
     """``acopt compare ...`` (acopt/compare.py): every plan simulated, CSV/markdown/PNG."""
     from acopt import compare
+    from acopt.progress import working
 
     try:
-        return compare.cmd_run(args)
+        with working("comparing"):
+            return compare.cmd_run(args)
     except ValueError as e:  # compare's own checks of its arguments (budgets, solvers, the corpus)
         raise UsageError(str(e)) from e
 

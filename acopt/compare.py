@@ -213,9 +213,10 @@ def _pct(g: float) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    head = ("model", "profile", "budget", "budget MiB", "solver", "sim. peak MiB", "fits",
+    head = ("model", "profile", "budget", "budget MiB", "solver", "sim. peak MiB", "floor MiB", "fits",
             "recompute ms", "gap to optimum", "solve s", "status")  # fmt: skip
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if i < 2 or i == 4 or i == 10 else "---:" for i in range(len(head))) + "|"]
+    text = ("model", "profile", "solver", "status")
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if h in text else "---:" for h in head) + "|"]
     for r in rows:
         gap = r["gap"]
         gap_s = "" if gap == "" else _pct(gap)
@@ -226,7 +227,7 @@ def markdown_table(rows: list[dict]) -> str:
         solve = "" if r["solve_time_s"] == "" else f"{r['solve_time_s']:.2f}"
         lines.append("| " + " | ".join(str(x) for x in (
             r["model"], r["profile"], r["budget"], _mib(r["budget_bytes"]), r["solver"],
-            _mib(r["simulated_peak_bytes"]), fits, _ms(r["recompute_time_s"]), gap_s, solve, status,
+            _mib(r["simulated_peak_bytes"]), _mib(r["floor_bytes"]), fits, _ms(r["recompute_time_s"]), gap_s, solve, status,
         )) + " |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
@@ -342,8 +343,8 @@ def run_compare(profiles, *, budgets=DEFAULT_BUDGETS, solvers=SOLVERS, time_limi
 
     def show(r):
         if verbose:
-            print(f"{r['profile']:<26} {r['budget']:<18} {r['solver']:<13} peak {_mib(r['simulated_peak_bytes']):>10} MiB "
-                  f"(budget {_mib(r['budget_bytes'])}) fits={r['fits']!s:<5} recompute {_ms(r['recompute_time_s']):>9} ms "
+            print(f"{r['profile']:<26} {r['budget']:<12} {r['solver']:<13} peak {_mib(r['simulated_peak_bytes']):>10} MiB "
+                  f"(budget {_mib(r['budget_bytes'])}, floor {_mib(r['floor_bytes'])}) fits={r['fits']!s:<5} recompute {_ms(r['recompute_time_s']):>9} ms "
                   f"solve {r['solve_time_s'] if r['solve_time_s'] == '' else round(r['solve_time_s'], 2)} s {r['status']}",
                   flush=True)  # fmt: skip
 

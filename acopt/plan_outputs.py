@@ -1,8 +1,9 @@
 """What a plan leaves on disk: the decisions CSV, timeline plots, budget sweeps.
 
 * :func:`decisions_frame` / :func:`write_decisions_csv`: one row per
-  activation, ``CHECKPOINT`` (kept) or ``RECOMPUTE``, in
-  ``ac_decisions_bs{N}.csv`` (N = ``profile.meta.batch_size``).
+  activation (and the module that made it), ``CHECKPOINT`` (kept) or
+  ``RECOMPUTE``, in ``ac_decisions_bs{N}_{model}_{solver}.csv``
+  (N = ``profile.meta.batch_size``).
 * :func:`plot_timelines`: live bytes per step for the no-recompute schedule and
   each plan, regions shaded, peaks marked, budgets drawn.
 * :func:`sweep` / :func:`plot_sweep`: peak vs recompute time over budgets,
@@ -20,13 +21,14 @@ from typing import Any
 
 import pandas as pd
 
-from acopt.planning import InfeasibleBudget, Plan, plan, resolve_budget
+from acopt.planning import InfeasibleBudget, Plan, floor, plan, resolve_budget
 from acopt.records import Profile, Region
 from acopt.simulator import Simulation, memory_model, simulate
 from acopt.units import format_bytes
 
 DECISION_COLUMNS = [
     "activation_name",
+    "module",
     "decision",
     "size_bytes",
     "recomp_time_s",
@@ -42,8 +44,8 @@ def _activation_rows(profile: Profile) -> list[dict[str, Any]]:
     """The profile's activation records, or (hand-built profiles) the same facts from the memory model."""
     if profile.activations:
         return [
-            dict(name=a.name, bytes=a.bytes, recomp_time_s=a.recomp_time_s, creation_rank=a.creation_rank,
-                 first_bw_use_rank=a.first_bw_use_rank)
+            dict(name=a.name, module=a.module, bytes=a.bytes, recomp_time_s=a.recomp_time_s,
+                 creation_rank=a.creation_rank, first_bw_use_rank=a.first_bw_use_rank)
             for a in profile.activations
         ]  # fmt: skip
     model = memory_model(profile)
@@ -55,7 +57,7 @@ def _activation_rows(profile: Profile) -> list[dict[str, Any]]:
             index[u] for v in model.aliases[s] for u in users[v] if profile.node_by_name[u].region != Region.FORWARD
         ]
         alone = model.block(s, frozenset({s})).time_s if s in candidates else 0.0
-        rows.append(dict(name=s, bytes=st.bytes, recomp_time_s=alone, creation_rank=index[st.node],
+        rows.append(dict(name=s, module="", bytes=st.bytes, recomp_time_s=alone, creation_rank=index[st.node],
                          first_bw_use_rank=min(later)))  # fmt: skip
     return rows
 
@@ -73,6 +75,7 @@ def decisions_frame(profile: Profile, plan: Plan | Iterable[str]) -> pd.DataFram
     rows = [
         {
             "activation_name": r["name"],
+            "module": r["module"],
             "decision": "RECOMPUTE" if r["name"] in sim.recompute else "CHECKPOINT",
             "size_bytes": r["bytes"],
             "recomp_time_s": r["recomp_time_s"],
@@ -85,11 +88,24 @@ def decisions_frame(profile: Profile, plan: Plan | Iterable[str]) -> pd.DataFram
     return pd.DataFrame(rows, columns=DECISION_COLUMNS)
 
 
-def write_decisions_csv(profile: Profile, plan: Plan | Iterable[str], out_dir: str | Path) -> Path:
-    """Write ``ac_decisions_bs{N}.csv`` into ``out_dir`` (created if needed); return its path."""
+def decisions_file_name(profile: Profile, plan: Plan | Iterable[str], label: str | None = None) -> str:
+    """``ac_decisions_bs{N}_{label}_{solver}.csv``: the design's stem, then what tells plans apart
+    (``label``, default the profile's model; then the plan's solver), so files do not overwrite
+    each other."""
+    label = profile.meta.model if label is None else label
+    solver = plan.solver if isinstance(plan, Plan) else ""
+    parts = [f"ac_decisions_bs{profile.meta.batch_size}", *(x for x in (label, solver) if x)]
+    return "_".join(p.replace("/", "_").replace(":", "_") for p in parts) + ".csv"
+
+
+def write_decisions_csv(
+    profile: Profile, plan: Plan | Iterable[str], out_dir: str | Path, label: str | None = None
+) -> Path:
+    """Write the decisions CSV (:func:`decisions_file_name`) into ``out_dir`` (created if needed);
+    return its path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"ac_decisions_bs{profile.meta.batch_size}.csv"
+    path = out / decisions_file_name(profile, plan, label)
     decisions_frame(profile, plan).to_csv(path, index=False)
     return path
 
@@ -145,13 +161,17 @@ def plot_timelines(profile: Profile, plans: Mapping[str, Plan | Iterable[str]], 
             color = f"C{k}"
             xs = _positions(profile, sim)
             ys = [b / scale for b in sim.timeline]
-            ax.step(xs, ys, where="mid", color=color, lw=1.2, label=f"{label}: peak {format_bytes(sim.peak_bytes)}")
+            modules = _top_modules(profile, sim.recompute)
+            label = f"{label}: peak {format_bytes(sim.peak_bytes)}" + (f"; recomputes in {modules}" if modules else "")
+            ax.step(xs, ys, where="mid", color=color, lw=1.2, label=label)
             px, py = xs[sim.peak_step], sim.peak_bytes / scale
             ax.plot([px], [py], "o", color=color, ms=5)
             ax.annotate(f"{sim.peak_node}", (px, py), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
             budget = getattr(chosen, "budget_bytes", None)
             if budget is not None:
                 ax.axhline(budget / scale, color=color, ls="--", lw=0.8)
+        floor_bytes = floor(profile)
+        ax.axhline(floor_bytes / scale, color="black", ls=":", lw=0.8, label=f"floor {format_bytes(floor_bytes)}")
         ax.set_xlabel("node (graph order; recompute blocks just before the node they precede)")
         ax.set_ylabel(f"live memory ({unit})")
         ax.set_xlim(-0.5, max(len(nodes) - 0.5, 0.5))
@@ -164,6 +184,26 @@ def plot_timelines(profile: Profile, plans: Mapping[str, Plan | Iterable[str]], 
     finally:
         plt.close(fig)
     return path
+
+
+def recompute_by_module(profile: Profile, plan: Plan | Iterable[str]) -> pd.DataFrame:
+    """The recomputed activations grouped by the module that made them (``ActivationRecord.module``;
+    "" outside any submodule or in older profiles): count, bytes and block time, most bytes first."""
+    frame = decisions_frame(profile, plan)
+    frame = frame[frame["decision"] == "RECOMPUTE"]
+    grouped = frame.groupby("module", sort=False).agg(
+        recomputed=("activation_name", "size"), size_bytes=("size_bytes", "sum"), block_time_s=("block_time_s", "sum")
+    )
+    return grouped.sort_values("size_bytes", ascending=False, kind="stable").reset_index()
+
+
+def _top_modules(profile: Profile, recompute, n: int = 3) -> str:
+    """``"layers.0.attn (5), layers.1.attn (5), ..."``: the modules with the most recomputed bytes."""
+    if not recompute or not any(a.module for a in profile.activations):
+        return ""
+    top = recompute_by_module(profile, recompute)
+    names = [f"{m or '(no module)'} ({k})" for m, k in zip(top["module"][:n], top["recomputed"][:n])]
+    return ", ".join(names) + (", ..." if len(top) > n else "")
 
 
 def _unit(peak: int) -> tuple[float, str]:

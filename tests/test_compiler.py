@@ -72,7 +72,7 @@ def test_cli_profile_plan_sweep(tmp_path, capsys):
         assert (out / f"mlp_bs512_fake{suffix}").stat().st_size > 0
 
     assert main(["plan", str(profile_json), "--budget", "90%", "--out", str(out)]) == 0
-    decisions = pd.read_csv(out / "ac_decisions_bs512.csv")
+    decisions = pd.read_csv(out / "ac_decisions_bs512_mlp_fake_greedy.csv")
     assert set(decisions.decision) == {"CHECKPOINT", "RECOMPUTE"}
     plan = acopt.Plan.from_json(out / "mlp_bs512_fake.greedy.plan.json")
     assert set(decisions[decisions.decision == "RECOMPUTE"].activation_name) == set(plan.recompute)

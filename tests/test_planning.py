@@ -370,10 +370,12 @@ def test_decisions_csv(tmp_path):
     profile = chain_profile(4, batch_size=8)
     p = plan(profile, budget="80%")
     path = write_decisions_csv(profile, p, tmp_path / "out")
-    assert path.name == "ac_decisions_bs8.csv"
+    assert path.name == f"ac_decisions_bs8_{profile.meta.model}_greedy.csv"  # the design's stem, model, solver
+    other = write_decisions_csv(profile, plan(profile, budget="80%", solver="mu-two"), tmp_path / "out")
+    assert other.name == f"ac_decisions_bs8_{profile.meta.model}_mu-two.csv" and path.exists()
     frame = pd.read_csv(path)
-    assert list(frame.columns[:6]) == [
-        "activation_name", "decision", "size_bytes", "recomp_time_s", "creation_rank", "first_bw_use_rank",
+    assert list(frame.columns[:7]) == [
+        "activation_name", "module", "decision", "size_bytes", "recomp_time_s", "creation_rank", "first_bw_use_rank",
     ]  # fmt: skip
     assert set(frame["decision"]) <= {"CHECKPOINT", "RECOMPUTE"}
     assert set(frame.loc[frame["decision"] == "RECOMPUTE", "activation_name"]) == set(p.recompute)
