@@ -704,7 +704,11 @@ def run(config: Config) -> dict[str, Path]:
         files["maxbatch_csv"] = config.out / f"{tag}_maxbatch.csv"
     files["summary"] = config.out / f"{tag}_summary.md"
     files["summary"].write_text(summarize(read_csv(files["csv"]), read_csv(files["maxbatch_csv"]) if caps else []))
-    if config.plots:
+    from acopt import plots
+
+    if config.plots and not plots.available():
+        config.log(f"no plots: {plots.INSTALL}")
+    elif config.plots:
         files.update(plot_all(rows, caps, config.out, tag))
     config.log(f"wrote {', '.join(str(p) for p in files.values())} in {time.perf_counter() - t0:.0f}s")
     return files
@@ -868,10 +872,9 @@ def _label(r: dict) -> str:
 def plot_all(rows: list[dict], caps: list[dict], out: Path, tag: str) -> dict[str, Path]:
     """Per model: peak vs batch size (bars), step time vs batch size (bars), peak vs time (Pareto);
     and the largest batch under the cap per method."""
-    import matplotlib
+    from acopt.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     files: dict[str, Path] = {}
     cmap = plt.get_cmap("tab20")

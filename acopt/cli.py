@@ -205,7 +205,7 @@ def cmd_profile(args) -> int:
     prefix = _prefix(args) + ("_fake" if args.fake else "")
     prof.to_json(out / f"{prefix}.profile.json")
     write_profile_csvs(prof, out, prefix)
-    plot_timelines(prof, {}, out / f"{prefix}_timeline.png")
+    _plot(plot_timelines, prof, {}, out / f"{prefix}_timeline.png")
     from acopt.schedule import MemoryModel
     from acopt.units import format_bytes
 
@@ -238,7 +238,7 @@ def cmd_plan(args) -> int:
     stem = Path(args.profile).name.removesuffix(".gz").removesuffix(".json").removesuffix(".profile")
     plan.to_json(out / f"{stem}.{args.solver}.plan.json")
     decisions = write_decisions_csv(prof, plan, out, label=_without_batch(stem, prof))
-    plot_timelines(prof, {f"{args.solver} ({len(plan.recompute)} recomputed)": plan}, out / f"{stem}.{args.solver}_timeline.png")
+    _plot(plot_timelines, prof, {f"{args.solver} ({len(plan.recompute)} recomputed)": plan}, out / f"{stem}.{args.solver}_timeline.png")
     console.print(_plan_table(prof, {args.solver: plan}))
     _print_modules(prof, plan)
     console.print(f"peak sits at {sim.peak_node} ({sim.peak_region.value}); wrote {decisions}")
@@ -261,6 +261,17 @@ def _plan_table(prof, plans: dict[str, Any]) -> Table:
             str(len(plan.recompute)), f"{sim.recompute_time_s * 1e3:.2f} ms", f"{plan.solve_time_s:.2f} s",
         )  # fmt: skip
     return table
+
+
+def _plot(fn, *args) -> None:
+    """Write a plot, or say once how to get plots (matplotlib is the optional ``plots`` extra)."""
+    from acopt import plots
+
+    if plots.available():
+        fn(*args)
+    elif not getattr(_plot, "said", False):
+        _plot.said = True
+        print(f"acopt: no PNG plots without matplotlib: {plots.INSTALL}", file=sys.stderr)
 
 
 def _print_modules(prof, plan, top: int = 10) -> None:
@@ -295,7 +306,7 @@ def cmd_sweep(args) -> int:
         frame = sweep(prof, solver=args.solver, budgets=budgets, **_planner_options(args))
     stem = Path(args.profile).name.removesuffix(".gz").removesuffix(".json").removesuffix(".profile")
     frame.to_csv(out / f"{stem}.{args.solver}_sweep.csv", index=False)
-    plot_sweep(frame, out / f"{stem}.{args.solver}_sweep.png")
+    _plot(plot_sweep, frame, out / f"{stem}.{args.solver}_sweep.png")
     console.print(frame.to_string(index=False))
     console.print(f"floor {format_bytes(lo)} ({lo} bytes), no-recompute peak {format_bytes(hi)} ({hi} bytes)")
     return 0
@@ -328,7 +339,7 @@ def cmd_run(args) -> int:
     plan.to_json(out / f"{prefix}.{args.solver}.plan.json")
     write_profile_csvs(prof, out, prefix)
     write_decisions_csv(prof, plan, out, label=_without_batch(prefix, prof))
-    plot_timelines(prof, {f"{args.solver}": plan}, out / f"{prefix}_timeline.png")
+    _plot(plot_timelines, prof, {f"{args.solver}": plan}, out / f"{prefix}_timeline.png")
     (out / f"{prefix}.rewritten.py").write_text(rewritten.print_readable())
 
     # Check: the rewritten step trains exactly as the plain traced step.

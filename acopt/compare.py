@@ -261,10 +261,9 @@ MARKERS = {"greedy": "o", "mu-two": "X", "ilp": "s", "cpsat": "D", "torch-greedy
 
 def pareto_plot(rows: list[dict], path: Path, title: str) -> None:
     """Simulated peak vs recompute time: every solver's plan at every budget; dashed: budgets."""
-    import matplotlib
+    from acopt.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     budgets = sorted({r["budget_bytes"] for r in rows})
@@ -314,6 +313,11 @@ def write_outputs(rows: list[dict], out: Path, header: str = "") -> dict[str, Pa
         w.writeheader()
         w.writerows(rows)
     paths["md"].write_text(header + "## Summary\n\n" + summary_table(rows) + "\n## All plans\n\n" + markdown_table(rows))
+    from acopt import plots
+
+    if not plots.available():
+        print(f"no Pareto plots: {plots.INSTALL}", file=sys.stderr)
+        return paths
     for label in dict.fromkeys(r["profile"] for r in rows):
         rs = [r for r in rows if r["profile"] == label]
         paths[f"png:{label}"] = out / f"pareto_{label}.png"

@@ -9,7 +9,7 @@
 * :func:`sweep` / :func:`plot_sweep`: peak vs recompute time over budgets,
   with the Pareto front.
 
-Torch-free; matplotlib runs on the Agg backend.
+Torch-free; the plots need matplotlib (acopt.plots, the ``plots`` extra).
 """
 
 from __future__ import annotations
@@ -136,10 +136,9 @@ def plot_timelines(profile: Profile, plans: Mapping[str, Plan | Iterable[str]], 
     block sit just before the node they precede. Regions are shaded, each
     line's peak is marked, and each Plan's budget is a dashed line.
     """
-    import matplotlib
+    from acopt.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -270,10 +269,9 @@ def _pareto(frame: pd.DataFrame) -> list[bool]:
 
 def plot_sweep(df: pd.DataFrame, path: str | Path) -> Path:
     """Plot a :func:`sweep` frame: recompute time vs peak, Pareto front joined."""
-    import matplotlib
+    from acopt.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -126,3 +128,25 @@ def test_budget_fraction_in_the_cli_is_of_the_peak(tmp_path, capsys, transformer
     assert main(["plan", str(path), "--budget", "0.99", "--time-limit", "30", "--solver", "ilp", "--out", str(tmp_path)]) == 0
     plan = acopt.Plan.from_json(tmp_path / "p.ilp.plan.json")
     assert plan.budget_bytes == int(no_recompute_peak(prof) * 0.99)  # the floor is 97% of the peak here
+
+
+def test_without_matplotlib_the_cli_writes_csvs_and_says_how_to_get_plots(tmp_path, capsys, monkeypatch, transformer_fake):
+    from acopt import cli
+
+    _, _, prof = transformer_fake
+    path = tmp_path / "t.profile.json"
+    prof.to_json(path)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    monkeypatch.setattr(cli._plot, "said", False, raising=False)
+    assert main(["plan", str(path), "--budget", "floor+50%", "--out", str(tmp_path / "o")]) == 0
+    assert "pip install 'acopt[plots]'" in capsys.readouterr().err
+    assert list((tmp_path / "o").glob("ac_decisions_*.csv")) and not list((tmp_path / "o").glob("*.png"))
+
+
+def test_the_library_imports_neither_pandas_nor_matplotlib():
+    code = (
+        "import sys, acopt; import acopt.compiler, acopt.planning, acopt.profiler, acopt.rewriter; "
+        "print(sorted(m for m in ('pandas', 'matplotlib') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
