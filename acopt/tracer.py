@@ -603,7 +603,7 @@ def _init_optimizer_state(optimizer: torch.optim.Optimizer) -> list[torch.Tensor
                     again = _first_state(optimizer, group, p, torch.ones_like(p))
                     for key, v in first.items():
                         w = again.get(key)
-                        same = torch.equal(v, w) if isinstance(v, torch.Tensor) and isinstance(w, torch.Tensor) else v == w
+                        same = _same_state(v, w)
                         if not same:
                             raise UnsupportedStep(
                                 f"{type(optimizer).__name__} computes its state {key!r} from the first gradient "
@@ -617,6 +617,16 @@ def _init_optimizer_state(optimizer: torch.optim.Optimizer) -> list[torch.Tensor
             optimizer.state.pop(q, None)
         raise
     return added
+
+
+def _same_state(v: Any, w: Any) -> bool:
+    """Equal first state values; meta tensors (a fake profile of a model built on the meta device,
+    which never trains) have no values: their shape and dtype are compared."""
+    if isinstance(v, torch.Tensor) and isinstance(w, torch.Tensor):
+        if v.is_meta or w.is_meta:
+            return v.shape == w.shape and v.dtype == w.dtype
+        return torch.equal(v, w)
+    return v == w
 
 
 def _first_state(optimizer: torch.optim.Optimizer, group: dict, p: torch.Tensor, grad: torch.Tensor) -> dict:

@@ -19,11 +19,14 @@ from acopt.planning import no_recompute_peak
 
 
 @pytest.fixture(scope="module")
-def transformer_fake():
-    """The built-in transformer (one layer, batch 4), traced and profiled on fake tensors: seconds."""
+def transformer_fake(tmp_path_factory):
+    """The built-in transformer (one layer, batch 4) built on the meta device, traced and profiled
+    on fake tensors by ``acopt profile --fake`` (AdamW's state on meta tensors included): seconds."""
+    out = tmp_path_factory.mktemp("profile")
+    argv = ["profile", "transformer", "--batch-size", "4", "--model-arg", "n_layers=1", "--fake", "--out", str(out)]
+    assert main(argv) == 0
     w = models.build("transformer", batch_size=4, seed=0, n_layers=1)
-    traced = acopt.trace(w.train_step, w.model, w.optimizer, *w.batch)
-    return w, traced, acopt.profile(traced, *w.batch, fake=True)
+    return w, None, acopt.Profile.from_json(out / "transformer_bs4_n_layers1_fake.profile.json")
 
 
 def test_activations_are_named_after_their_module(transformer_fake):
