@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import time
 
 import pytest
 import torch
@@ -75,7 +74,6 @@ def test_peaks_are_positive_and_acopt_fits_below_none(results):
 
 def test_torch_budget_runs_or_says_why(tmp_path):
     """torch.compile with the partitioner's memory budget; aot_eager keeps it quick on a CPU."""
-    t = time.perf_counter()
     files = harness.run(_config(tmp_path, methods=("none", "torch-budget"), torch_backend="aot_eager", plots=False))
     with open(files["csv"]) as f:
         rows = {r["method"]: r for r in csv.DictReader(f)}
@@ -85,7 +83,6 @@ def test_torch_budget_runs_or_says_why(tmp_path):
     assert row["torch_budget_fraction"] == "0.5" and row["torch_backend"] == "aot_eager"
     assert int(row["peak_bytes"]) > 0
     assert float(row["param_max_abs_diff_vs_none"]) < 1e-4
-    assert time.perf_counter() - t < 60
 
 
 def test_max_batch_search_brackets_the_cap(tmp_path):
