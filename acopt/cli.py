@@ -140,7 +140,7 @@ def _plan(prof, args):
             hint = "recomputation cannot lower this step's peak (a larger --batch-size gives activations more weight)"
         else:
             pct = math.ceil(floor * 100 / peak)
-            hint = f"the smallest budget that fits is {format_bytes(floor)}: try --budget {pct}% or more"
+            hint = f"the smallest budget that fits is {format_bytes(floor)}: try --budget {pct}% or more, or --budget floor"
         raise UsageError(f"{e}; {hint}") from e
 
 
