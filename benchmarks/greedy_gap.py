@@ -82,7 +82,8 @@ def corpus(time_limit_s: float, threads: int) -> dict:
     for path in corpus_files():
         label = profile_label(path)
         table = compare_profile(
-            Profile.from_json(path), label=label, budgets=BUDGETS, solvers=("greedy", "mu-two", "cpsat"),
+            Profile.from_json(path), label=label, budgets=[f"floor+{100 * float(b):g}%" for b in BUDGETS],
+            solvers=("greedy", "mu-two", "cpsat"),
             time_limit_s=time_limit_s, threads=threads,
         )  # fmt: skip
         for budget in dict.fromkeys(r["budget"] for r in table):
