@@ -461,12 +461,19 @@ def _environment(config: Config) -> dict[str, Any]:
         name = torch.cuda.get_device_name(device)
     else:
         name = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=10
-        ).stdout.strip()
-    except Exception:  # noqa: BLE001 - the commit is a label only
-        commit = ""
+    commit = ""
+    if (Path(__file__).resolve().parent.parent / "pyproject.toml").is_file():  # a source checkout, not a wheel
+        try:
+            commit = subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=10
+            ).stdout.strip()
+        except Exception:  # noqa: BLE001 - the commit is a label only
+            commit = ""
+    if not commit:  # an installed wheel: its version
+        from importlib.metadata import PackageNotFoundError, version
+
+        with contextlib.suppress(PackageNotFoundError):
+            commit = f"acopt {version('acopt')}"
     return {"device": device.type, "device_name": name, "torch_version": torch.__version__, "acopt_commit": commit}
 
 
