@@ -152,6 +152,17 @@ def _planner_options(args) -> dict[str, Any]:
     return options
 
 
+def _options_help() -> str:
+    """Each registered planner's option names, for --help (defaults: `acopt solvers`)."""
+    try:
+        from acopt.planning import planners
+
+        listed = "; ".join(f"{name}: {', '.join(_option_fields(spec))}" for name, spec in planners().items())
+    except Exception as e:  # noqa: BLE001 - a broken plugin must not break --help
+        listed = f"(cannot list them: {e})"
+    return f"{listed.replace('%', '%%')} (defaults: `acopt solvers`)"
+
+
 def _option_fields(spec) -> dict[str, Any]:
     """A planner's options and their defaults (its options dataclass)."""
     import dataclasses
@@ -445,8 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="wall-clock limit of an exact solve (ilp, cpsat; default 60): the best plan found by "
                              "then is returned, status time_limit")  # fmt: skip
         sp.add_argument("--option", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
-                        help="planner option, e.g. threads=4 for ilp or kicks=16 for greedy (repeatable; "
-                             "each planner's options and defaults: `acopt solvers`)")  # fmt: skip
+                        help="planner option (repeatable): " + _options_help())  # fmt: skip
         sp.add_argument("--out", default="out")
 
     budget_help = 'bytes or a size ("6GiB"); a share of the no-recompute peak ("70%%" or 0.7); or of the way from the floor to it ("floor+50%%")'

@@ -120,7 +120,8 @@ def test_cli_solvers_lists_options_and_plan_help_the_time_limit(capsys):
     text = capsys.readouterr().out
     assert "options: max_simulations=40" in text and "time_limit_s=60.0" in text
     assert main(["plan", "--help"]) == 0
-    assert "--time-limit SECONDS" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "--time-limit SECONDS" in text and "max_simulations" in text and "rel_gap" in text
 
 
 def test_budget_fraction_in_the_cli_is_of_the_peak(tmp_path, capsys, transformer_fake):
