@@ -28,7 +28,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-console = Console(markup=False)  # what acopt prints is text: "pip install 'acopt[models]'" and paths stay whole
+console = Console(markup=False, soft_wrap=True)  # text, not markup ("acopt[models]" stays whole); paths unbroken
 
 
 class UsageError(Exception):
