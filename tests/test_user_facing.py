@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
 import sys
 
 import pandas as pd
@@ -146,11 +145,3 @@ def test_without_matplotlib_the_cli_writes_csvs_and_says_how_to_get_plots(tmp_pa
     assert "pip install 'acopt[plots]'" in capsys.readouterr().err
     assert list((tmp_path / "o").glob("ac_decisions_*.csv")) and not list((tmp_path / "o").glob("*.png"))
 
-
-def test_the_library_imports_neither_pandas_nor_matplotlib():
-    code = (
-        "import sys, acopt; import acopt.compiler, acopt.planning, acopt.profiler, acopt.rewriter; "
-        "print(sorted(m for m in ('pandas', 'matplotlib') if m in sys.modules))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"

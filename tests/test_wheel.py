@@ -66,9 +66,14 @@ def test_installed_wheel_runs_the_cli(wheel, tmp_path):
     work = tmp_path / "elsewhere"  # outside the checkout: nothing resolves through the current directory
     work.mkdir()
 
-    where = _run([py, "-c", "import acopt, acopt.solvers.ilp as s; print(acopt.__file__); print(s.__file__)"], cwd=work)
+    code = (
+        "import sys, acopt, acopt.solvers.ilp as s, acopt.compiler, acopt.profiler, acopt.rewriter; "
+        "print(acopt.__file__, s.__file__); print(sorted(m for m in ('pandas', 'matplotlib') if m in sys.modules))"
+    )
+    where, imported = _run([py, "-c", code], cwd=work).stdout.splitlines()
     site = str(env_dir.resolve())
-    assert all(line.startswith(site) for line in where.stdout.split()), f"acopt not imported from the wheel: {where.stdout}"
+    assert all(path.startswith(site) for path in where.split()), f"acopt not imported from the wheel: {where}"
+    assert imported == "[]", f"the library (trace, profile, plan, rewrite) imports {imported}: only the CLI's outputs need them"
 
     solvers = _run([acopt, "solvers"], cwd=work).stdout
     assert {"greedy", "mu-two", "ilp", "cpsat"} <= {line.split()[0] for line in solvers.splitlines() if line.strip()}
