@@ -333,6 +333,9 @@ class SplitGraphs:
     saved: list[str]  # forward node names the backward reads (the kept set)
     forward_inputs: list[int]  # placeholder indices the forward takes
     backward_inputs: list[int]  # placeholder indices the backward takes after the saved values
+    # per gradient: which grad_outputs (0-based, in order) it depends on; a gradient whose
+    # grad_outputs are all None (unused outputs) is None, as eager leaves it
+    grad_sources: list[frozenset[int]]
 
 
 def split_joint(gm: fx.GraphModule, *, n_outputs: int, n_grads: int, tangent_placeholders: set[int]) -> SplitGraphs:
@@ -394,12 +397,18 @@ def split_joint(gm: fx.GraphModule, *, n_outputs: int, n_grads: int, tangent_pla
     bw_graph.output(tuple(env[g] if isinstance(g, fx.Node) else g for g in grads))
     bw_graph.set_codegen(fx.graph._BoxedCodeGen())
     bw_graph.lint()
+    order = sorted(tangent_placeholders)
+    sources: dict[fx.Node, frozenset[int]] = {placeholders[i]: frozenset({k}) for k, i in enumerate(order)}
+    for n in nodes:
+        if n not in sources:
+            sources[n] = frozenset().union(*(sources.get(a, frozenset()) for a in n.all_input_nodes))
     return SplitGraphs(
         forward=fx.GraphModule(gm, fw_graph, class_name="AcoptForward"),
         backward=fx.GraphModule(gm, bw_graph, class_name="AcoptBackward"),
         saved=[n.name for n in saved],
         forward_inputs=forward_inputs,
         backward_inputs=backward_inputs,
+        grad_sources=[sources.get(g, frozenset()) if isinstance(g, fx.Node) else frozenset() for g in grads],
     )
 
 
@@ -519,9 +528,12 @@ class _RunVariant(torch.autograd.Function):
         ctx.acopt_variant = variant
         # the backward's other inputs (None where a grad_output goes)
         ctx.acopt_inputs = [placeholders[i] for i in g.backward_inputs]
-        ctx.acopt_versions = [(t, t._version) for t in ctx.acopt_inputs if isinstance(t, torch.Tensor)]
+        ctx.acopt_versions = [  # views of parameters share their version counter
+            (t, t._version) for t in (*ctx.acopt_inputs, *on_ctx) if isinstance(t, torch.Tensor)
+        ]
         non_diff = [t for i, t in enumerate(outs) if i not in variant.outputs.differentiable]
         ctx.mark_non_differentiable(*non_diff)
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None (see backward)
         return tuple(outs)
 
     @staticmethod
@@ -532,18 +544,14 @@ class _RunVariant(torch.autograd.Function):
                 "acopt module mode: backward through the same forward twice (retain_graph=True) is not "
                 "supported; run the forward again"
             )
-        for t, v in ctx.acopt_versions:
-            if t._version != v:
-                raise RuntimeError(
-                    "acopt module mode: a parameter, buffer or input the backward reads was modified in "
-                    "place between forward and backward (eager autograd refuses this too)"
-                )
+        _check_versions(ctx.acopt_versions)
         ctx.acopt_versions = None
         g = variant.graphs
         via_autograd = ctx.saved_tensors
         args = [ctx.acopt_saved[i] if not auto else via_autograd[i] for auto, i in ctx.acopt_where]
         ctx.acopt_saved = None
         del via_autograd
+        given = {k for k, i in enumerate(variant.outputs.differentiable) if grad_outputs[i] is not None}
         tangents = iter(_tangents(variant, grad_outputs))
         start = _tangent_start(variant)
         n_t = len(variant.outputs.differentiable)
@@ -556,9 +564,18 @@ class _RunVariant(torch.autograd.Function):
         n_p, n_b = len(variant.params), len(variant.buffers)
         n_x = len(variant.layout.names)
         result: list[torch.Tensor | None] = [None] * (n_p + n_b + n_x + len(variant.constants))
-        for i, gr in zip(variant.grad_inputs, grads):  # i indexes params + batch tensors
-            result[i if i < n_p else i + n_b] = gr
+        for i, gr, src in zip(variant.grad_inputs, grads, g.grad_sources):  # i: params + batch tensors
+            if src & given:  # else only unused outputs reach it: eager gives it no gradient
+                result[i if i < n_p else i + n_b] = gr
         return (None, *result)
+
+
+def _check_versions(pairs: list[tuple[torch.Tensor, int]]) -> None:
+    if any(t._version != v for t, v in pairs):
+        raise RuntimeError(
+            "acopt module mode: a parameter, buffer or input the backward reads was modified in "
+            "place between forward and backward (eager autograd refuses this too)"
+        )
 
 
 def _tangents(variant: _Variant, grad_outputs: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
