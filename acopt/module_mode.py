@@ -116,8 +116,14 @@ def _outputs_of(result: Any) -> tuple[_Outputs, list[torch.Tensor]]:
         elif isinstance(leaf, (int, float, bool, str, type(None))):
             constants.append(leaf)
         else:
+            hint = (
+                " (a transformers key/value cache: training needs none; set model.config.use_cache = False "
+                "or pass use_cache=False)"
+                if "Cache" in type(leaf).__name__
+                else ""
+            )
             raise UnsupportedStep(
-                f"the model returned a {type(leaf).__name__} inside its output; module mode supports "
+                f"the model returned a {type(leaf).__name__} inside its output{hint}; module mode supports "
                 "tensors and plain constants in tuples, lists, dicts and ModelOutputs"
             )
     if not tensors:

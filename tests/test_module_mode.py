@@ -9,11 +9,10 @@ import warnings
 
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 import torch.nn.functional as F
 
 import acopt
-from acopt.module_mode import split_joint  # noqa: F401  (public helper, imported to keep it importable)
 
 
 class Net(nn.Module):
