@@ -19,6 +19,7 @@ traced graph's fingerprint (:func:`acopt.fingerprint.graph_fingerprint`):
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
@@ -41,6 +42,21 @@ def load_plan(plan: Plan | str | os.PathLike) -> Plan:
     if isinstance(plan, (str, os.PathLike)):
         return Plan.from_json(Path(plan))
     raise TypeError(f"plan must be an acopt.Plan or a path to its JSON file, not {type(plan).__name__}")
+
+
+def adopt_plan(plan: Plan | str | os.PathLike, profile: Profile) -> Plan:
+    """A saved plan applied to a new profile of the same step (``acopt run --plan``):
+    the graph fingerprints must match (:class:`ArtifactMismatch` otherwise); the
+    plan is then bound to this profile, whose measured times it is judged by."""
+    chosen = load_plan(plan)
+    ours = profile.meta.graph_fingerprint
+    if chosen.graph_fingerprint != ours:
+        raise ArtifactMismatch(
+            f"the plan was made for another traced graph (graph fingerprint {chosen.graph_fingerprint or 'none'!r}, "
+            f"this step's is {ours!r}{_batch_note(chosen, profile.meta)}): plan this step again, or pass the "
+            "plan made for this model, batch size and dtype"
+        )
+    return dataclasses.replace(chosen, profile_id=_profile_id(profile))
 
 
 def cache_directory(cache_dir: str | os.PathLike | None) -> Path | None:
@@ -130,8 +146,6 @@ def _profile_id(prof: Profile) -> str:
 def _detached(chosen: Plan) -> Plan:
     """The plan without its profile id, so that it applies to the step's fake
     profile (its graph fingerprint, checked above, still ties it to the graph)."""
-    import dataclasses
-
     return dataclasses.replace(chosen, profile_id="")
 
 
