@@ -803,6 +803,10 @@ def _needs_grad(model: torch.nn.Module, args: tuple, kwargs: dict) -> bool:
 
 
 def _apply(variant: _Variant, inputs: list[torch.Tensor]) -> Any:
+    # a parameter the traced forward never reached (an unused branch) is not connected
+    # to the autograd graph, as in eager (DDP's find_unused_parameters sees it so)
+    graded, n_p = set(variant.grad_inputs), len(variant.params)
+    inputs = [t.detach() if i < n_p and i not in graded and t.requires_grad else t for i, t in enumerate(inputs)]
     outs = _RunVariant.apply(variant, *inputs)
     return variant.outputs.rebuild(list(outs))
 
