@@ -716,7 +716,7 @@ class WrappedModule(torch.nn.Module):
                 for i in joint.outputs.differentiable
             )
             budget = self.budget
-            if not (isinstance(budget, str) and budget.strip().endswith("%")):
+            if budget is not None and not (isinstance(budget, str) and budget.strip().endswith("%")):
                 budget = parse_bytes(budget) - self.extra_bytes
                 if budget <= 0:
                     raise ValueError(
@@ -833,7 +833,7 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
 def wrap(
     model: torch.nn.Module,
     *example_args: Any,
-    budget: int | str,
+    budget: int | str | None = None,
     solver: str = "greedy",
     plan: Plan | str | Path | None = None,
     extra_bytes: int | str = 0,
@@ -857,6 +857,15 @@ def wrap(
     ``$ACOPT_CACHE_DIR``) keeps plans and profiles keyed by the graph, budget
     and solver. ``options`` go to the planner.
     """
+    if budget is None and plan is None:
+        raise TypeError("acopt.wrap needs a budget (or a plan to reuse)")
+    if not model.training:
+        warnings.warn(
+            "acopt.wrap: the model is in eval mode, so the plan is for eval-mode calls; call model.train() "
+            "before wrapping (a transformers from_pretrained model starts in eval mode), or the first "
+            "training call is traced and planned again",
+            stacklevel=2,
+        )
     extra = parse_bytes(extra_bytes)
     if optimizer is not None:
         inner = unwrap_optimizer(optimizer)

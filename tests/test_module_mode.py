@@ -163,6 +163,33 @@ def test_plain_loop_with_scheduler_accumulation_and_clipping_is_eager_bitwise(wr
     assert int(model.bn.num_batches_tracked) == int(eager.bn.num_batches_tracked) > 0
 
 
+def test_recomputed_dropout_masks_replay_eagers_draws(tmp_path):
+    """The plan that recomputes every candidate (the floor's), dropout masks included:
+    the replays draw from the saved generator states, so training stays eager's."""
+    import dataclasses
+
+    from acopt.planning import _most_recomputed
+
+    model = Net()
+    eager = copy.deepcopy(model)
+    x, y = batch(0)
+    probe = acopt.wrap(copy.deepcopy(model), x, budget="1GiB")
+    everything = dataclasses.replace(probe.plan, recompute=_most_recomputed(probe.profile))
+    wrapped = acopt.wrap(model, x, plan=everything)
+    replays = [n for n in wrapped.traced.graph.nodes if "replay" in str(n.target)]
+    assert replays, "the plan must replay a random op"
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, eager)]
+    for step in range(2):
+        for net, opt in ((wrapped, opts[0]), (eager, opts[1])):
+            torch.manual_seed(step)
+            x, y = batch(step)
+            F.cross_entropy(net(x), y).backward()
+            torch.manual_seed(99)  # what the loop draws after the forward is its own business
+            opt.step()
+            opt.zero_grad()
+        same(model, eager)
+
+
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
 def test_grad_scaler_and_autocast_are_eager_bitwise(dtype):
     model = Net()
