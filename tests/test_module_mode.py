@@ -190,7 +190,7 @@ def test_recomputed_dropout_masks_replay_eagers_draws(tmp_path):
         same(model, eager)
 
 
-@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16, torch.float16])
 def test_grad_scaler_and_autocast_are_eager_bitwise(dtype):
     model = Net()
     eager = copy.deepcopy(model)
@@ -249,6 +249,35 @@ def test_dict_outputs_unused_output_inputs_requiring_grad_and_kwargs():
     n = sum(map(len, wrapped._variants.values()))
     assert torch.equal(wrapped(x, scale=3.0)["a"], eager(x, scale=3.0)["a"])  # a constant: its own plan
     assert sum(map(len, wrapped._variants.values())) == n + 1
+
+
+class Counting(nn.Module):
+    """Reassigns one buffer and updates another in place in its forward."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.l = nn.Linear(8, 8)
+        self.register_buffer("calls", torch.zeros(()))
+        self.register_buffer("running", torch.zeros(8))
+
+    def forward(self, x):
+        self.calls = self.calls + 1
+        h = self.l(x)
+        self.running.mul_(0.9).add_(h.detach().mean(0), alpha=0.1)
+        return torch.tanh(h)
+
+
+def test_buffers_reassigned_or_updated_in_forward_are_written_back():
+    model = Counting()
+    eager = copy.deepcopy(model)
+    x = torch.randn(16, 8)
+    wrapped = acopt.wrap(model, x, budget="1GiB")
+    for i in range(3):
+        for net in (wrapped, eager):
+            net(x * i).sum().backward()
+        same(model, eager)
+    assert float(model.calls) == 3.0
 
 
 def test_guards_frozen_layer_eval_and_no_grad():
