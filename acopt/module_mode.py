@@ -67,6 +67,7 @@ from acopt.tracer import (
     _explain,
     _functional_bernoulli,
     _graph_len,
+    _HostRng,
     _lift_constants,
     _name_placeholders,
     _outplace_forward_mutations,
@@ -265,12 +266,14 @@ def trace_module(model: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[Tra
     batch_tensors = layout.tensors((args, kwargs))
     params = list(model.named_parameters())
     buffers = list(model.named_buffers())
+    host_rng = _HostRng.capture()  # a forward drawing from Python's or NumPy's generator is refused
     outputs = _trace_forward_outputs(model, params, buffers, layout, batch_tensors)
     if not outputs.differentiable:
         raise UnsupportedStep(
             "no output of the model requires grad (frozen model, or called for inference): nothing to plan"
         )
     joint = _trace_joint(model, params, buffers, layout, batch_tensors, outputs)
+    host_rng.check_unused()
     tangents = tuple(
         torch.empty(outputs.meta[i][0], dtype=outputs.meta[i][1], device=outputs.meta[i][2])
         for i in outputs.differentiable

@@ -377,3 +377,24 @@ def test_backward_twice_and_in_place_changes_are_errors():
         model.l2.weight.add_(1.0)
     with pytest.raises(RuntimeError, match="modified in place"):
         loss.backward()
+
+
+def test_refused_forwards_leave_the_model_as_it_was():
+    import random
+
+    class Drawing(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.l(x) * (2.0 if random.random() < 0.5 else 1.0)  # frozen into a graph
+
+    state = random.getstate()
+    with pytest.raises(acopt.UnsupportedStep, match="random"):
+        acopt.wrap(Drawing(), torch.randn(4, 8), budget="1GiB")
+    assert random.getstate() == state
+    frozen = Net()
+    frozen.requires_grad_(False)
+    with pytest.raises(acopt.UnsupportedStep, match="requires grad"):
+        acopt.wrap(frozen, batch(0)[0], budget="1GiB")
