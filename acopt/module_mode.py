@@ -34,8 +34,10 @@ module, nor the optimizer step's own temporaries.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
+import inspect
 import time
 import warnings
 from collections.abc import Sequence
@@ -654,13 +656,19 @@ class WrappedModule(torch.nn.Module):
         object.__setattr__(self, "_variants", {})
         object.__setattr__(self, "_last", None)
         object.__setattr__(self, "_warned", set())
-        original = _unwrap_compiled(model).forward
 
-        @functools.wraps(original)
-        def forward(*args, **kwargs):
-            return self._forward(*args, **kwargs)
+    def forward(self, *args, **kwargs):
+        return self._forward(*args, **kwargs)
 
-        object.__setattr__(self, "forward", forward)  # inspect.signature(wrapped.forward) is the model's
+    def __deepcopy__(self, memo):
+        """A copy wraps a copy of the model; its variants are planned again when
+        first called (theirs would be bound to the original's tensors)."""
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        fresh = {"_variants": {}, "_last": None, "_warned": set()}
+        for key, value in vars(self).items():
+            new.__dict__[key] = fresh[key] if key in fresh else copy.deepcopy(value, memo)
+        return new
 
     # ---- nn.Module plumbing ------------------------------------------------
     def __getattr__(self, name: str):
@@ -799,6 +807,19 @@ class WrappedModule(torch.nn.Module):
         return self._current().graphs
 
 
+@functools.cache
+def _wrapper_class(model_cls: type) -> type[WrappedModule]:
+    def forward(self, *args, **kwargs):
+        return self._forward(*args, **kwargs)
+
+    try:
+        forward.__signature__ = inspect.signature(model_cls.forward)
+    except (TypeError, ValueError):  # pragma: no cover - a forward without a signature
+        pass
+    forward.__doc__ = getattr(model_cls.forward, "__doc__", None)
+    return type(f"Wrapped{model_cls.__name__}", (WrappedModule,), {"forward": forward, "__module__": __name__})
+
+
 def _needs_grad(model: torch.nn.Module, args: tuple, kwargs: dict) -> bool:
     if any(p.requires_grad for p in model.parameters()):
         return True
@@ -874,7 +895,9 @@ def wrap(
         inner = unwrap_optimizer(optimizer)
         extra += optimizer_state_bytes(inner)
         extra += sum(p.untyped_storage().nbytes() for g in inner.param_groups for p in g["params"] if p.requires_grad)
-    wrapped = WrappedModule(
+    # a subclass per model class, whose forward shows the model's signature (Trainer reads it)
+    cls = _wrapper_class(type(_unwrap_compiled(model)))
+    wrapped = cls(
         model, budget=budget, solver=solver, options=options or {}, extra_bytes=extra, plan=plan,
         cache_dir=cache_dir, warmup=warmup, iterations=iterations,
     )  # fmt: skip

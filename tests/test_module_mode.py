@@ -321,6 +321,21 @@ def test_state_dict_and_attributes_are_the_models():
     assert list(inspect.signature(wrapped.forward).parameters) == ["x"]
 
 
+def test_a_deep_copy_trains_its_own_copy():
+    model = Net()
+    x, y = batch(0)
+    wrapped = acopt.wrap(model, x, budget="85%")
+    twin = copy.deepcopy(wrapped)
+    assert twin.module is not model and not twin._variants
+    eager = copy.deepcopy(model)
+    for net in (twin, eager):
+        torch.manual_seed(0)
+        F.cross_entropy(net(x), y).backward()
+    same(twin.module, eager)
+    assert all(p.grad is None for p in model.parameters())  # the original untouched
+    assert twin.report().recomputed == wrapped.report().recomputed
+
+
 def test_budget_counts_what_the_loop_keeps():
     model = Net()
     x, _ = batch(0)
