@@ -38,8 +38,10 @@ import copy
 import dataclasses
 import functools
 import inspect
+import logging
 import time
 import warnings
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -83,6 +85,8 @@ from acopt.units import format_bytes, parse_bytes
 
 __all__ = ["ModuleReport", "WrappedModule", "wrap"]
 
+logger = logging.getLogger("acopt")
+
 _KEEP_PER_SIGNATURE = 4
 
 
@@ -96,8 +100,10 @@ class _Outputs:
 
     spec: pytree.TreeSpec
     constants: tuple[Any, ...]  # per leaf: the value, or _TENSOR_LEAF
-    differentiable: tuple[int, ...]  # indices into the tensor leaves
+    differentiable: tuple[int, ...]  # tensor leaves given a grad_output in the joint graph
     meta: tuple[tuple, ...]  # per tensor leaf: shape, dtype, device
+    requires_grad: tuple[int, ...] = ()  # tensor leaves that require grad (a superset of differentiable)
+    names: tuple[str, ...] = ()  # per tensor leaf: where it sits in the output ("['logits']")
 
     def rebuild(self, tensors: Sequence[torch.Tensor]) -> Any:
         it = iter(tensors)
@@ -107,15 +113,18 @@ class _Outputs:
 _TENSOR_LEAF = object()
 
 
-def _outputs_of(result: Any) -> tuple[_Outputs, list[torch.Tensor]]:
-    leaves, spec = pytree.tree_flatten(result)
-    constants, tensors, differentiable = [], [], []
-    for leaf in leaves:
+def _outputs_of(result: Any, only: frozenset[int] | None = None) -> tuple[_Outputs, list[torch.Tensor]]:
+    """The outputs' structure; ``only``: the tensor leaves to give a grad_output
+    (default: every one that requires grad)."""
+    paths, spec = pytree.tree_flatten_with_path(result)
+    constants, tensors, requires_grad, names = [], [], [], []
+    for path, leaf in paths:
         if isinstance(leaf, torch.Tensor):
             if leaf.requires_grad and (leaf.is_floating_point() or leaf.is_complex()):
-                differentiable.append(len(tensors))
+                requires_grad.append(len(tensors))
             constants.append(_TENSOR_LEAF)
             tensors.append(leaf)
+            names.append(pytree.keystr(path) or "output")
         elif isinstance(leaf, (int, float, bool, str, type(None))):
             constants.append(leaf)
         else:
@@ -132,7 +141,8 @@ def _outputs_of(result: Any) -> tuple[_Outputs, list[torch.Tensor]]:
     if not tensors:
         raise UnsupportedStep("the model's forward returned no tensor")
     meta = tuple((tuple(t.shape), t.dtype, t.device) for t in tensors)
-    return _Outputs(spec, tuple(constants), tuple(differentiable), meta), tensors
+    differentiable = tuple(i for i in requires_grad if only is None or i in only)
+    return _Outputs(spec, tuple(constants), differentiable, meta, tuple(requires_grad), tuple(names)), tensors
 
 
 @contextlib.contextmanager
@@ -156,7 +166,7 @@ def _no_autocast():
         yield
 
 
-def _trace_forward_outputs(model, params, buffers, layout, batch_tensors) -> _Outputs:
+def _trace_forward_outputs(model, params, buffers, layout, batch_tensors, only) -> _Outputs:
     """Trace the forward alone (fake tensors) to learn the outputs' structure."""
     found: list[_Outputs] = []
     n_p, n_b = len(params), len(buffers)
@@ -167,7 +177,7 @@ def _trace_forward_outputs(model, params, buffers, layout, batch_tensors) -> _Ou
         args, kwargs = layout.rebuild(flat[n_p + n_b :])
         with stateless._reparametrize_module(model, mapping, tie_weights=True):
             out = model(*args, **kwargs)
-        outputs, tensors = _outputs_of(out)
+        outputs, tensors = _outputs_of(out, only)
         found.append(outputs)
         return tuple(tensors)
 
@@ -215,7 +225,7 @@ def _trace_joint(model, params, buffers, layout, batch_tensors, outputs: _Output
                 if _get_buffer(model, name) is not mapping[name]:
                     reassigned.append(i)
             new_buffers = [_get_buffer(model, buffers[i][0]) for i in reassigned]
-        now, tensors = _outputs_of(out)
+        now, tensors = _outputs_of(out, frozenset(outputs.differentiable))
         if (now.spec, now.differentiable, now.meta) != (outputs.spec, outputs.differentiable, outputs.meta):
             raise UnsupportedStep("the model's outputs differ between two traces of the same forward")
         diff = [tensors[i] for i in outputs.differentiable]
@@ -255,10 +265,14 @@ def _set_buffer(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
     (model.get_submodule(path) if path else model)._buffers[attr] = value
 
 
-def trace_module(model: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[TracedStep, _Joint]:
+def trace_module(
+    model: torch.nn.Module, args: tuple, kwargs: dict, *, grad_outputs: frozenset[int] | None = None
+) -> tuple[TracedStep, _Joint]:
     """The joint forward + backward graph of ``model(*args, **kwargs)`` as a
     :class:`TracedStep` over ``(args, kwargs, grad_outputs)`` (what the profiler,
-    planners and rewriter take), and how its outputs map back."""
+    planners and rewriter take), and how its outputs map back. ``grad_outputs``:
+    the output tensor leaves the backward receives a gradient for (default: all
+    that require grad)."""
     start = time.perf_counter()
     model = _unwrap_compiled(model)
     if not isinstance(model, torch.nn.Module):
@@ -269,7 +283,7 @@ def trace_module(model: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[Tra
     params = list(model.named_parameters())
     buffers = list(model.named_buffers())
     host_rng = _HostRng.capture()  # a forward drawing from Python's or NumPy's generator is refused
-    outputs = _trace_forward_outputs(model, params, buffers, layout, batch_tensors)
+    outputs = _trace_forward_outputs(model, params, buffers, layout, batch_tensors, grad_outputs)
     if not outputs.differentiable:
         raise UnsupportedStep(
             "no output of the model requires grad (frozen model, or called for inference): nothing to plan"
@@ -486,6 +500,7 @@ class _Variant:
     grad_inputs: list[int]  # into params + batch tensors
     reassigned: list[int]
     report: ModuleReport
+    on_backward: Any = None  # called with the output leaves that got a gradient
 
     def inputs(self, args: tuple, kwargs: dict) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(params + buffers + batch tensors + constants, batch tensors), after every guard passed."""
@@ -542,7 +557,7 @@ class _RunVariant(torch.autograd.Function):
         ctx.acopt_versions = [  # views of parameters share their version counter
             (t, t._version) for t in (*ctx.acopt_inputs, *on_ctx) if isinstance(t, torch.Tensor)
         ]
-        non_diff = [t for i, t in enumerate(outs) if i not in variant.outputs.differentiable]
+        non_diff = [t for i, t in enumerate(outs) if i not in variant.outputs.requires_grad]
         ctx.mark_non_differentiable(*non_diff)
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None (see backward)
         return tuple(outs)
@@ -562,6 +577,18 @@ class _RunVariant(torch.autograd.Function):
         args = [ctx.acopt_saved[i] if not auto else via_autograd[i] for auto, i in ctx.acopt_where]
         ctx.acopt_saved = None
         del via_autograd
+        used = frozenset(i for i in variant.outputs.requires_grad if grad_outputs[i] is not None)
+        if variant.on_backward is not None:
+            variant.on_backward(used)
+        unplanned = sorted(used - set(variant.outputs.differentiable))
+        if unplanned:
+            names = ", ".join(variant.outputs.names[i] for i in unplanned)
+            raise RuntimeError(
+                f"acopt module mode: output(s) {names} got a gradient, but this call ran the plan made "
+                "when earlier backward passes gave them none (their grad_outputs were left out to save "
+                "memory). The next call plans with them; to keep them always, pass "
+                "acopt.wrap(..., learn_unused_outputs=False)"
+            )
         given = {k for k, i in enumerate(variant.outputs.differentiable) if grad_outputs[i] is not None}
         tangents = iter(_tangents(variant, grad_outputs))
         start = _tangent_start(variant)
@@ -642,7 +669,8 @@ class WrappedModule(torch.nn.Module):
     """
 
     def __init__(self, model: torch.nn.Module, *, budget, solver: str, options: dict[str, Any], extra_bytes: int,
-                 plan: Plan | str | Path | None, cache_dir: str | Path | None, warmup: int, iterations: int):  # fmt: skip
+                 plan: Plan | str | Path | None, cache_dir: str | Path | None, warmup: int, iterations: int,
+                 learn_unused_outputs: bool = True):  # fmt: skip
         super().__init__()
         self.module = model
         self.budget = budget
@@ -656,6 +684,9 @@ class WrappedModule(torch.nn.Module):
         object.__setattr__(self, "_variants", {})
         object.__setattr__(self, "_last", None)
         object.__setattr__(self, "_warned", set())
+        # per input signature: the output leaves that got a gradient in the last backward
+        object.__setattr__(self, "_used", {})
+        object.__setattr__(self, "_learn", learn_unused_outputs and plan is None)
 
     def forward(self, *args, **kwargs):
         return self._forward(*args, **kwargs)
@@ -665,7 +696,7 @@ class WrappedModule(torch.nn.Module):
         first called (theirs would be bound to the original's tensors)."""
         new = type(self).__new__(type(self))
         memo[id(self)] = new
-        fresh = {"_variants": {}, "_last": None, "_warned": set()}
+        fresh = {"_variants": {}, "_last": None, "_warned": set(), "_used": {}}
         for key, value in vars(self).items():
             new.__dict__[key] = fresh[key] if key in fresh else copy.deepcopy(value, memo)
         return new
@@ -689,7 +720,12 @@ class WrappedModule(torch.nn.Module):
         if not torch.is_grad_enabled() or torch.is_inference_mode_enabled() or not _needs_grad(model, args, kwargs):
             return model(*args, **kwargs)
         failure = None
-        for variant in reversed(self._variants.get(_signature(args, kwargs), [])):
+        signature = _signature(args, kwargs)
+        wanted = self._used.get(signature)  # None: every output that requires grad
+        for variant in reversed(self._variants.get(signature, [])):
+            planned = variant.outputs.differentiable
+            if planned != (variant.outputs.requires_grad if wanted is None else tuple(sorted(wanted))):
+                continue
             try:
                 inputs, _ = variant.inputs(args, kwargs)
             except GuardFailure as e:
@@ -702,7 +738,7 @@ class WrappedModule(torch.nn.Module):
             if reason not in self._warned:
                 self._warned.add(reason)
                 warnings.warn(f"acopt: tracing and planning the module again: {reason}", stacklevel=3)
-        variant = self._compile(args, kwargs)
+        variant = self._compile(args, kwargs, grad_outputs=wanted)
         object.__setattr__(self, "_last", variant)
         inputs, _ = variant.inputs(args, kwargs)
         return _apply(variant, inputs)
@@ -713,7 +749,41 @@ class WrappedModule(torch.nn.Module):
             object.__setattr__(self, "_last", self._compile(args, kwargs))
         return self
 
-    def _compile(self, args: tuple, kwargs: dict) -> _Variant:
+    def _learner(self, signature: tuple, outputs: _Outputs):
+        """What a variant's backward reports: which outputs got a gradient. Outputs
+        that got none are left out of the next plan for these inputs (their zero
+        grad_outputs cost memory); one that gets a gradient again is put back."""
+        if not self._learn:
+            return None
+        ref = weakref.ref(self)
+
+        def learn(used: frozenset[int]) -> None:
+            wrapped = ref()
+            if wrapped is None or not used:
+                return
+            full = frozenset(outputs.requires_grad)
+            known = wrapped._used.get(signature)
+            if known is None:
+                if used == full:
+                    return
+                now = used
+            elif used <= known:
+                return
+            else:
+                now = known | used
+            if now == full:
+                wrapped._used.pop(signature, None)
+                return
+            logger.info(
+                "acopt: planning %s without grad_outputs for %s (no gradient reached them)",
+                type(wrapped.module).__name__,
+                ", ".join(outputs.names[i] for i in sorted(full - now)),
+            )
+            wrapped._used[signature] = now
+
+        return learn
+
+    def _compile(self, args: tuple, kwargs: dict, grad_outputs: frozenset[int] | None = None) -> _Variant:
         from acopt.plan_cache import obtain_plan
         from acopt.planning import floor
         from acopt.rewriter import rewrite
@@ -721,7 +791,7 @@ class WrappedModule(torch.nn.Module):
 
         start = time.perf_counter()
         with torch.enable_grad():
-            traced, joint = trace_module(self.module, *args, **kwargs)
+            traced, joint = trace_module(self.module, args, kwargs, grad_outputs=grad_outputs)
             tangents = tuple(
                 torch.ones(joint.outputs.meta[i][0], dtype=joint.outputs.meta[i][1], device=joint.outputs.meta[i][2])
                 for i in joint.outputs.differentiable
@@ -775,6 +845,7 @@ class WrappedModule(torch.nn.Module):
             layout=layout, guards=guards, params=traced._b.params, buffers=traced._b.buffers,
             constants=joint.constants, grad_inputs=joint.grad_inputs, reassigned=joint.reassigned, report=report,
         )  # fmt: skip
+        variant.on_backward = self._learner(_signature(args, kwargs), joint.outputs)
         entries = self._variants.setdefault(_signature(args, kwargs), [])
         entries.append(variant)
         del entries[:-_KEEP_PER_SIGNATURE]
@@ -866,6 +937,7 @@ def wrap(
     warmup: int = 1,
     iterations: int = 3,
     options: dict[str, Any] | None = None,
+    learn_unused_outputs: bool = True,
     **example_kwargs: Any,
 ) -> WrappedModule:
     """``model`` with its forward + backward planned for ``budget``.
@@ -879,7 +951,11 @@ def wrap(
     ``plan`` reuses a plan (its graph fingerprint must match:
     :class:`acopt.ArtifactMismatch` otherwise); ``cache_dir`` (default
     ``$ACOPT_CACHE_DIR``) keeps plans and profiles keyed by the graph, budget
-    and solver. ``options`` go to the planner.
+    and solver. ``options`` go to the planner. ``learn_unused_outputs``: an
+    output whose gradient is None in a backward (the logits when only
+    ``.loss`` is used) is left out of the next plan for the same inputs (its
+    zero grad_output would cost its size); if it gets a gradient later, that
+    backward raises and the next call plans with it again.
     """
     if budget is None and plan is None:
         raise TypeError("acopt.wrap needs a budget (or a plan to reuse)")
@@ -899,7 +975,7 @@ def wrap(
     cls = _wrapper_class(type(_unwrap_compiled(model)))
     wrapped = cls(
         model, budget=budget, solver=solver, options=options or {}, extra_bytes=extra, plan=plan,
-        cache_dir=cache_dir, warmup=warmup, iterations=iterations,
+        cache_dir=cache_dir, warmup=warmup, iterations=iterations, learn_unused_outputs=learn_unused_outputs,
     )  # fmt: skip
     return wrapped.compile_for(*example_args, **example_kwargs)
 

@@ -46,15 +46,19 @@ def test_transformers_model_with_kwargs_batch_and_model_output():
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     wrapped = acopt.wrap(model, budget="80%", **batch)
     assert wrapped.plan.recompute
-    for net in (wrapped, eager):
-        torch.manual_seed(1)  # the same dropout masks
-        out = net(**batch)
-        assert type(out).__name__ == "CausalLMOutputWithCrossAttentions"
-        assert out.logits.shape == (4, 16, 64)
-        out.loss.backward()  # the logits' gradient is None: unused
-        net.seen = (out.loss.detach(), out.logits.detach())
-    assert torch.equal(wrapped.seen[0], eager.seen[0]) and torch.equal(wrapped.seen[1], eager.seen[1])
-    _same_grads(model, eager)
+    first = wrapped.report()
+    for step in range(2):
+        for net in (wrapped, eager):
+            torch.manual_seed(step)  # the same dropout masks
+            out = net(**batch)
+            assert type(out).__name__ == "CausalLMOutputWithCrossAttentions"
+            assert out.logits.shape == (4, 16, 64)
+            out.loss.backward()  # the logits' gradient is None: unused
+            net.seen = (out.loss.detach(), out.logits.detach())
+        assert torch.equal(wrapped.seen[0], eager.seen[0]) and torch.equal(wrapped.seen[1], eager.seen[1])
+        _same_grads(model, eager)
+    # the second call ran a plan without the logits' (zero) grad_output: 4 x 16 x 64 floats less
+    assert wrapped.report().peak_before_bytes <= first.peak_before_bytes - 4 * 16 * 64 * 4
 
 
 # ---- DDP ------------------------------------------------------------------------------------

@@ -280,6 +280,41 @@ def test_buffers_reassigned_or_updated_in_forward_are_written_back():
     assert float(model.calls) == 3.0
 
 
+def test_outputs_without_gradient_are_left_out_of_the_next_plan():
+    """An output no gradient reaches (here head "b") costs a zero grad_output of its
+    size: after the first backward the module is planned without it. If it gets a
+    gradient later, that backward refuses (never a silently missing term) and the
+    next call plans with it again."""
+    model = Heads()
+    eager = copy.deepcopy(model)
+    x = torch.randn(256, 8)
+    wrapped = acopt.wrap(model, x, budget="1GiB")
+    full = wrapped.report()
+
+    def run(net, use_b=False):
+        out = net(x)
+        loss = out["a"].square().mean() + (out["b"].mean() if use_b else 0)
+        loss.backward()
+
+    for _ in range(2):
+        run(wrapped)
+        run(eager)
+        same(model, eager)
+    variants = wrapped._variants[next(iter(wrapped._variants))]
+    assert len(variants) == 2
+    reduced = wrapped.report()
+    assert reduced.peak_before_bytes <= full.peak_before_bytes - 256 * 5 * 4  # no zero grad_output for "b"
+    assert all(p.grad is None for p in model.b.parameters())
+    with pytest.raises(RuntimeError, match=r"\['b'\] got a gradient"):
+        run(wrapped, use_b=True)
+    model.zero_grad(set_to_none=True)
+    eager.zero_grad(set_to_none=True)
+    run(wrapped, use_b=True)  # planned with "b" again: the full variant
+    run(eager, use_b=True)
+    same(model, eager)
+    assert wrapped.report() is full
+
+
 def test_guards_frozen_layer_eval_and_no_grad():
     model = Net(p=0.0)
     eager = copy.deepcopy(model)
