@@ -18,6 +18,10 @@ parameters, buffers and input tensors:
   the recompute blocks and returns the gradients of the parameters (and of
   input tensors that require grad); autograd accumulates them into ``.grad``.
 
+An output that got no gradient in a backward (the logits when only ``.loss``
+is used) is left out of the next plan for the same inputs; one that gets a
+gradient again makes that backward raise and the next call plan with it.
+
 So the optimizer, LR scheduler, gradient accumulation, ``clip_grad_norm_``,
 ``GradScaler`` (a scaled loss gives scaled grad_outputs), DDP's reducer hooks
 and ``no_sync`` are ordinary eager PyTorch around the wrapped module.
@@ -507,9 +511,7 @@ class _Variant:
         batch = self.layout.tensors((args, kwargs))
         self.guards.check_program([])
         model = self.traced.model
-        for name, _ in self.buffers:  # a reassigned buffer is read from its module
-            _get_buffer(model, name)
-        tensors = [
+        tensors = [  # buffers read from their modules: a reassigned one is the new value
             *(p for _, p in self.params),
             *(_get_buffer(model, n) for n, _ in self.buffers),
             *batch,
