@@ -129,7 +129,7 @@ class CompiledStep:
         traced = trace(self._train_step, self.model, self.optimizer, *batch)
         prof, chosen, _ = obtain_plan(
             traced, batch, budget=self.budget, solver=self.solver, options=self.options, plan=self._plan_arg,
-            cache_dir=self._cache_dir, warmup=self._warmup, iterations=self._iterations,
+            cache_dir=self._cache_dir, warmup=self._warmup, iterations=self._iterations, strict=not self._compiled,
         )  # fmt: skip
         step = rewrite(traced, chosen, profile=prof)
         sim = simulate(prof, chosen.recompute)

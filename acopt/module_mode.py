@@ -809,6 +809,7 @@ class WrappedModule(torch.nn.Module):
             prof, chosen, source = obtain_plan(
                 traced, (args, kwargs, tangents), budget=budget, solver=self.solver, options=self.options,
                 plan=self._plan_arg, cache_dir=self._cache_dir, warmup=self._warmup, iterations=self._iterations,
+                strict=not self._variants,
             )  # fmt: skip
             step = rewrite(traced, chosen, profile=prof)
             sim = simulate(prof, chosen.recompute)

@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -89,11 +90,24 @@ def obtain_plan(
     cache_dir: str | os.PathLike | None = None,
     warmup: int = 1,
     iterations: int = 3,
+    strict: bool = True,
 ) -> tuple[Profile, Plan, str]:
     """(profile, plan, source) for ``traced``: from ``plan``, from the cache, or
-    profiled and planned now (and then cached). ``source`` says which."""
+    profiled and planned now (and then cached). ``source`` says which.
+    ``strict=False`` (a later shape or guard variant of a step whose first
+    graph took ``plan``): a ``plan`` of another graph is passed over, with a
+    warning, and the step is planned for ``budget`` (refused without one)."""
     fingerprint = graph_fingerprint(traced.graph_module)
     directory = cache_directory(cache_dir)
+    if plan is not None and not strict and budget is not None:
+        chosen = load_plan(plan)
+        if chosen.graph_fingerprint != fingerprint:
+            warnings.warn(
+                "acopt: the plan given does not fit this variant of the step (another batch shape, or a "
+                "guard changed); planning it for the budget instead",
+                stacklevel=3,
+            )
+            plan = None
     if plan is not None:
         chosen = load_plan(plan)
         if chosen.graph_fingerprint != fingerprint:

@@ -78,6 +78,14 @@ def test_plan_argument_skips_profiling_and_a_foreign_plan_is_refused(tmp_path, m
         acopt.compile(_step, model, opt, *_batch(rows=64), plan=path)
     with pytest.raises(TypeError, match="budget"):
         acopt.compile(_step, model, opt, *_batch())
+    # a later batch shape of a step compiled from a plan: planned for the budget, if there is one
+    monkeypatch.undo()
+    step = acopt.compile(_step, model, opt, *_batch(), plan=path, budget="90%")
+    with pytest.warns(UserWarning, match="does not fit this variant"):
+        step(*_batch(rows=64))
+    strict = acopt.compile(_step, model, opt, *_batch(), plan=path)
+    with pytest.raises(acopt.ArtifactMismatch):
+        strict(*_batch(rows=64))
 
 
 def test_cache_dir_from_the_environment(tmp_path, monkeypatch):
