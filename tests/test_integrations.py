@@ -61,6 +61,29 @@ def test_transformers_model_with_kwargs_batch_and_model_output():
     assert wrapped.report().peak_before_bytes <= first.peak_before_bytes - 4 * 16 * 64 * 4
 
 
+@pytest.mark.slow
+def test_bert_classifier_with_padding_mask():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=32, num_labels=3,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(cfg).train()
+    eager = copy.deepcopy(model)
+    ids = torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[:, 12:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1, 2, 1])}
+    wrapped = acopt.wrap(model, budget="90%", **batch)
+    assert wrapped.plan.recompute
+    for step in range(2):
+        for net in (wrapped, eager):
+            torch.manual_seed(step)
+            net(**batch).loss.backward()
+        _same_grads(model, eager)
+
+
 # ---- DDP ------------------------------------------------------------------------------------
 def _ddp_worker(rank: int, port: int, results) -> None:
     import torch.distributed as dist
