@@ -719,6 +719,11 @@ class WrappedModule(torch.nn.Module):
     # ---- running -----------------------------------------------------------
     def _forward(self, *args, **kwargs):
         model = self.module
+        if getattr(self, "_is_replica", False):
+            raise UnsupportedStep(
+                "acopt.wrap under nn.DataParallel is not supported (its replicas would share the "
+                "original's plans); use DistributedDataParallel, one process per device"
+            )
         if not torch.is_grad_enabled() or torch.is_inference_mode_enabled() or not _needs_grad(model, args, kwargs):
             return model(*args, **kwargs)
         failure = None

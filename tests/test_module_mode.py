@@ -354,6 +354,8 @@ def test_state_dict_and_attributes_are_the_models():
     import inspect
 
     assert list(inspect.signature(wrapped.forward).parameters) == ["x"]
+    with pytest.raises(acopt.UnsupportedStep, match="DataParallel"):  # a replica would share our plans
+        wrapped._replicate_for_data_parallel()(batch(0)[0])
 
 
 def test_a_deep_copy_trains_its_own_copy():
