@@ -10,6 +10,7 @@ Pipeline (docs/usage.md)::
     loss = step(*batch)
 
 or all at once: ``step = acopt.compile(train_step, model, optimizer, *batch, budget="70%")``.
+Module mode (the loop stays eager): ``model = acopt.wrap(model, *example_inputs, budget="70%")``.
 
 Names are imported lazily so that ``import acopt`` and the torch-free parts
 (Profile, plan, simulate) stay cheap.
@@ -50,6 +51,8 @@ _EXPORTS = {
     "profile": "acopt.profiler",
     "rewrite": "acopt.rewriter",
     "compile": "acopt.compiler",
+    "wrap": "acopt.module_mode",
+    "WrappedModule": "acopt.module_mode",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -70,6 +73,7 @@ def __dir__():
 
 if TYPE_CHECKING:  # pragma: no cover
     from acopt.compiler import compile
+    from acopt.module_mode import WrappedModule, wrap
     from acopt.planning import InfeasibleBudget, Plan, PlanStatus, floor, plan, planners, register_planner
     from acopt.profiler import profile
     from acopt.records import ActivationRecord, NodeRecord, Profile, Region, Role, StorageRecord

@@ -237,7 +237,6 @@ def cmd_profile(args) -> int:
 def cmd_plan(args) -> int:
     import acopt
     from acopt.plan_outputs import plot_timelines, write_decisions_csv
-
     from acopt.progress import working
 
     prof = _load_profile(args.profile)
@@ -258,9 +257,8 @@ def cmd_plan(args) -> int:
 
 def _plan_table(prof, plans: dict[str, Any]) -> Table:
     import acopt
-    from acopt.units import format_bytes
-
     from acopt.planning import no_recompute_peak
+    from acopt.units import format_bytes
 
     table = Table(title=f"plans (no-recompute peak {format_bytes(no_recompute_peak(prof))}, floor {format_bytes(acopt.floor(prof))})")
     for col in ("solver", "status", "budget", "predicted peak", "recomputed", "recompute time", "solve time"):
@@ -341,8 +339,13 @@ def cmd_run(args) -> int:
     with console.status("tracing"):
         traced = acopt.trace(w.train_step, w.model, w.optimizer, *w.batch)
     prof = acopt.profile(traced, *w.batch, warmup=1, iterations=args.iterations, model_name=args.model, progress=True)
-    with working(f"planning with {args.solver}"):
-        plan = _plan(prof, args)
+    if getattr(args, "plan", None):  # a saved plan: no solving (its graph must be this step's)
+        from acopt.plan_cache import adopt_plan
+
+        plan = adopt_plan(args.plan, prof)
+    else:
+        with working(f"planning with {args.solver}"):
+            plan = _plan(prof, args)
     sim = acopt.simulate(prof, plan)
     rewritten = acopt.rewrite(traced, plan, profile=prof)
     prefix = _prefix(args)
@@ -479,6 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--steps", type=_positive_int, default=3, help="steps compared bitwise")
     sp.add_argument("--timing-steps", type=_positive_int, default=10, help="steps timed, alternating plain and rewritten")
     sp.add_argument("--iterations", type=_positive_int, default=3)
+    sp.add_argument("--plan", metavar="FILE", default=None,
+                    help="run a saved plan (*.plan.json) instead of solving; it must be this step's")  # fmt: skip
     plan_args(sp)
     sp.set_defaults(fn=cmd_run)
 
@@ -507,6 +512,8 @@ def check_args(args) -> None:
     def fail(message: str):
         raise UsageError(message, parser)
 
+    if isinstance(getattr(args, "plan", None), str) and not Path(args.plan).is_file():
+        fail(f"argument --plan: no such file: {args.plan!r}")
     for path in [args.profile] if isinstance(getattr(args, "profile", None), str) else []:
         if not Path(path).is_file():
             fail(f"argument profile: {'not a file' if Path(path).exists() else 'no such file'}: {path!r}")

@@ -25,14 +25,15 @@ import logging
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree
 
 from acopt.errors import GuardFailure
-from acopt.planning import Plan, floor, plan
-from acopt.profiler import profile
+from acopt.plan_cache import obtain_plan
+from acopt.planning import Plan, floor
 from acopt.records import Profile
 from acopt.rewriter import rewrite
 from acopt.simulator import simulate
@@ -98,7 +99,8 @@ class CompiledStep:
     """A training step that runs within a memory budget; call it like ``train_step``
     without the model and optimizer: ``loss = step(*batch)``."""
 
-    def __init__(self, train_step, model, optimizer, *, budget, solver: str, options: dict[str, Any], warmup: int, iterations: int):
+    def __init__(self, train_step, model, optimizer, *, budget, solver: str, options: dict[str, Any], warmup: int, iterations: int,
+                 plan: Plan | str | Path | None = None, cache_dir: str | Path | None = None):  # fmt: skip
         self._train_step = train_step
         self.model = model
         self._optimizers = OptimizerSet.of(optimizer)  # weak: a re-created optimizer is noticed
@@ -107,6 +109,8 @@ class CompiledStep:
         self.options = options
         self._warmup = warmup
         self._iterations = iterations
+        self._plan_arg = plan  # reused instead of profiling and solving (acopt.plan_cache)
+        self._cache_dir = cache_dir
         self._compiled: dict[tuple, list[_Compiled]] = {}
         self._last: _Compiled | None = None
         self._warned: set[str] = set()
@@ -141,10 +145,12 @@ class CompiledStep:
     def _compile(self, batch) -> _Compiled:
         start = time.perf_counter()
         traced = trace(self._train_step, self.model, self.optimizer, *batch)
-        prof = profile(traced, *batch, warmup=self._warmup, iterations=self._iterations)
-        chosen = plan(prof, budget=self.budget, solver=self.solver, **self.options)
+        prof, chosen, _ = obtain_plan(
+            traced, batch, budget=self.budget, solver=self.solver, options=self.options, plan=self._plan_arg,
+            cache_dir=self._cache_dir, warmup=self._warmup, iterations=self._iterations, strict=not self._compiled,
+        )  # fmt: skip
         step = rewrite(traced, chosen, profile=prof)
-        sim = simulate(prof, chosen)
+        sim = simulate(prof, chosen.recompute)
         report = Report(
             batch_shapes=tuple(tuple(b.shape) for b in pytree.tree_leaves(batch) if isinstance(b, torch.Tensor)),
             peak_before_bytes=prof.peak_bytes,
@@ -208,18 +214,27 @@ def compile(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     *batch: torch.Tensor,
-    budget: int | float | str,
+    budget: float | str | None = None,
     solver: str = "greedy",
     warmup: int = 1,
     iterations: int = 3,
+    plan: Plan | str | Path | None = None,
+    cache_dir: str | Path | None = None,
     **options: Any,
 ) -> CompiledStep:
     """Trace, profile, plan and rewrite ``train_step`` for ``batch``'s shape.
 
     ``options`` go to the planner (e.g. ``time_limit_s=30`` for ``ilp``).
     Raises :class:`acopt.InfeasibleBudget` if the budget is below the floor.
+    ``plan`` (a Plan or its JSON file) is used instead of profiling and
+    solving; it must be this step's (:class:`acopt.ArtifactMismatch`).
+    ``cache_dir`` (default ``$ACOPT_CACHE_DIR``) keeps plans keyed by the
+    step's graph fingerprint, budget and solver (:mod:`acopt.plan_cache`).
     """
+    if budget is None and plan is None:
+        raise TypeError("acopt.compile needs a budget (or a plan to reuse)")
     step = CompiledStep(
-        train_step, model, optimizer, budget=budget, solver=solver, options=options, warmup=warmup, iterations=iterations
-    )
+        train_step, model, optimizer, budget=budget, solver=solver, options=options, warmup=warmup,
+        iterations=iterations, plan=plan, cache_dir=cache_dir,
+    )  # fmt: skip
     return step.compile_for(*batch)

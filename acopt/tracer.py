@@ -141,38 +141,87 @@ class _BatchLayout:
 _TENSOR = object()
 
 
+#: Optimizer wrappers of training frameworks and the attribute holding the real
+#: optimizer (matched by class name along the MRO, so neither is imported).
+OPTIMIZER_WRAPPERS = {"AcceleratedOptimizer": "optimizer", "LightningOptimizer": "_optimizer"}
+
+
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The real ``torch.optim.Optimizer`` inside accelerate's ``AcceleratedOptimizer``
+    or Lightning's ``LightningOptimizer`` (nested wrappers too); anything else as given."""
+    for _ in range(8):
+        attr = next((OPTIMIZER_WRAPPERS[c.__name__] for c in type(optimizer).__mro__ if c.__name__ in OPTIMIZER_WRAPPERS), None)
+        if attr is None:
+            return optimizer
+        inner = getattr(optimizer, attr, None)
+        if not isinstance(inner, torch.optim.Optimizer) or inner is optimizer:
+            raise UnsupportedStep(
+                f"{type(optimizer).__name__}.{attr} is a {type(inner).__name__}, not a torch.optim.Optimizer"
+            )
+        optimizer = inner
+    return optimizer
+
+
+def _wrapper_flags(wrapper: Any) -> tuple:
+    """What a wrapper's step() decides on besides the real optimizer: accelerate
+    steps only when it syncs gradients (outside ``accumulate()``'s micro-batches)."""
+    state = getattr(wrapper, "gradient_state", None)
+    return (getattr(state, "sync_gradients", None),) if state is not None else ()
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class OptimizerSet:
     """The optimizer argument of ``train_step``: one optimizer, or a list, tuple
     or dict of them (Muon for matrices and AdamW for the rest; one optimizer per
-    group of a fine-tune). Held weakly, so that a re-created optimizer is noticed."""
+    group of a fine-tune). Framework wrappers (``AcceleratedOptimizer``,
+    ``LightningOptimizer``) are unwrapped: ``live()`` gives the real optimizers,
+    ``rebuild()`` the argument as passed. Held weakly, so that a re-created
+    optimizer is noticed."""
 
     spec: pytree.TreeSpec
     refs: tuple[weakref.ref, ...]
+    outer: tuple[weakref.ref, ...] = ()  # the leaves as passed (wrappers), where they differ
+    flags: tuple = ()  # per leaf: _wrapper_flags when traced
 
     @classmethod
     def of(cls, optimizer: Any) -> OptimizerSet:
         leaves, spec = pytree.tree_flatten(optimizer)
-        if not leaves or not all(isinstance(o, torch.optim.Optimizer) for o in leaves):
+        inner = [unwrap_optimizer(o) for o in leaves]
+        if not leaves or not all(isinstance(o, torch.optim.Optimizer) for o in inner):
             raise UnsupportedStep(
-                "the optimizer argument must be a torch.optim.Optimizer, or a list, tuple or dict of them; "
-                f"got {type(optimizer).__name__}"
+                "the optimizer argument must be a torch.optim.Optimizer (or an accelerate/Lightning wrapper "
+                f"of one), or a list, tuple or dict of them; got {type(optimizer).__name__}"
             )
-        if len({id(o) for o in leaves}) != len(leaves):
+        if len({id(o) for o in inner}) != len(inner):
             raise UnsupportedStep("the same optimizer appears twice in the optimizer argument")
-        return cls(spec, tuple(weakref.ref(o) for o in leaves))
+        wrapped = any(o is not i for o, i in zip(leaves, inner))
+        return cls(
+            spec,
+            tuple(weakref.ref(o) for o in inner),
+            tuple(weakref.ref(o) for o in leaves) if wrapped else (),
+            tuple(_wrapper_flags(o) for o in leaves) if wrapped else (),
+        )
 
     def live(self) -> list[torch.optim.Optimizer]:
         out = [r() for r in self.refs]
-        if any(o is None for o in out):
+        outer = [r() for r in self.outer]
+        if any(o is None for o in out + outer):
             raise GuardFailure(
                 "an optimizer this step was traced with no longer exists (acopt holds optimizers weakly so "
                 "that a re-created optimizer is noticed): keep a reference to it, or trace again with the new one"
             )
+        for o, flags in zip(outer, self.flags):
+            if _wrapper_flags(o) != flags:
+                raise GuardFailure(
+                    f"{type(o).__name__}.gradient_state.sync_gradients is {_wrapper_flags(o)[0]}, "
+                    f"{flags[0]} when traced: a traced step always steps the optimizer; call it only on "
+                    "steps that sync gradients (gradient accumulation across calls: use acopt.wrap)"
+                )
         return out
 
     def rebuild(self) -> Any:
-        return pytree.tree_unflatten(self.live(), self.spec)
+        live = self.live()
+        return pytree.tree_unflatten([r() for r in self.outer] if self.outer else live, self.spec)
 
 
 @dataclasses.dataclass(slots=True, kw_only=True)
