@@ -32,6 +32,7 @@ _EXPORTS = {
     "Role": "acopt.records",
     "InvalidPlan": "acopt.schedule",
     "ArtifactMismatch": "acopt.fingerprint",
+    "RankMismatch": "acopt.rank_plan",
     "simulate": "acopt.simulator",
     "Simulation": "acopt.simulator",
     "Plan": "acopt.planning",
@@ -75,6 +76,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from acopt.records import ActivationRecord, NodeRecord, Profile, Region, Role, StorageRecord
     from acopt.rewriter import rewrite
     from acopt.fingerprint import ArtifactMismatch
+    from acopt.rank_plan import RankMismatch
     from acopt.schedule import InvalidPlan
     from acopt.simulator import Simulation, simulate
     from acopt.errors import GuardFailure, UnsupportedStep

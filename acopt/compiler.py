@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+from acopt import rank_plan
 from acopt.errors import GuardFailure
 from acopt.planning import Plan, plan
 from acopt.profiler import profile
@@ -123,9 +124,15 @@ class CompiledStep:
     def _compile(self, batch) -> _Compiled:
         start = time.perf_counter()
         traced = trace(self._train_step, self.model, self.optimizer, *batch)
+        ranks = rank_plan.active(traced)  # one plan for all ranks (docs/usage.md, "Distributed")
+        if ranks:
+            rank_plan.check_same_graph(traced)
         prof = profile(traced, *batch, warmup=self._warmup, iterations=self._iterations)
-        chosen = plan(prof, budget=self.budget, solver=self.solver, **self.options)
+        planner = rank_plan.plan_on_rank0 if ranks else (lambda f, *a, **k: f(*a, **k))
+        chosen = planner(plan, prof, budget=self.budget, solver=self.solver, **self.options)
         step = rewrite(traced, chosen, profile=prof)
+        if ranks:
+            rank_plan.check_same_rewrite(step)
         sim = simulate(prof, chosen)
         report = Report(
             batch_shapes=tuple(tuple(b.shape) for b in pytree.tree_leaves(batch) if isinstance(b, torch.Tensor)),

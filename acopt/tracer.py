@@ -52,6 +52,7 @@ from torch.nn.utils import stateless
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils import _pytree as pytree
 
+from acopt.collectives import hold_until_wait, is_collective
 from acopt.errors import GuardFailure, UnsupportedStep
 from acopt.guards import Guards, tensor_meta
 from acopt.hyperparams import Book, InputKey, literal_values
@@ -351,6 +352,7 @@ def trace(
     """
     start = time.perf_counter()
     model = _unwrap_compiled(model)
+    model, train_step, distributed = _distributed_tracing(model, train_step)
     optimizer_set = OptimizerSet.of(optimizer)
     optimizers = optimizer_set.live()
     for opt in optimizers:
@@ -381,16 +383,17 @@ def trace(
             added_state.append((opt, _init_optimizer_state(opt)))
             _check_state(opt, params)
         host_rng = _HostRng.capture()
-        first = _trace(train_step, model, optimizer, optimizers, layout, batch_tensors, params, buffers, trace_id=0)
-        # Eager creates state only for parameters that get a gradient: take back
-        # what was made for the others (unused branches) and trace again.
-        with_grad = {id(params[i][1]) for i in first.grad_params}
-        unused = [(opt, p) for opt, added in added_state for p in added if id(p) not in with_grad]
-        if unused:
-            for opt, p in unused:
-                opt.state.pop(p, None)
+        with distributed():
             first = _trace(train_step, model, optimizer, optimizers, layout, batch_tensors, params, buffers, trace_id=0)
-        second = _trace(train_step, model, optimizer, optimizers, layout, batch_tensors, params, buffers, trace_id=1)
+            # Eager creates state only for parameters that get a gradient: take back
+            # what was made for the others (unused branches) and trace again.
+            with_grad = {id(params[i][1]) for i in first.grad_params}
+            unused = [(opt, p) for opt, added in added_state for p in added if id(p) not in with_grad]
+            if unused:
+                for opt, p in unused:
+                    opt.state.pop(p, None)
+                first = _trace(train_step, model, optimizer, optimizers, layout, batch_tensors, params, buffers, trace_id=0)
+            second = _trace(train_step, model, optimizer, optimizers, layout, batch_tensors, params, buffers, trace_id=1)
         host_rng.check_unused()
         _same_literals(first, second)
         guards = Guards.record(
@@ -515,6 +518,34 @@ def _same_numpy_state(a, b) -> bool:
     return a[0] == b[0] and numpy.array_equal(a[1], b[1]) and tuple(a[2:]) == tuple(b[2:])
 
 
+def _distributed_tracing(model, train_step):
+    """A DDP model is traced as its inner module with DDP's semantics in the graph
+    (:mod:`acopt.data_parallel`; ``train_step`` still receives the DDP object), and
+    in-place ``torch.distributed`` collectives become functional ones
+    (:class:`acopt.collectives.remap_collectives`). Returns ``(model, train_step,
+    context to trace in)``."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return model, train_step, contextlib.nullcontext
+    from acopt import collectives, data_parallel
+
+    inner, ddp_context = data_parallel.unwrap(model)
+    step = train_step
+    if inner is not model:
+        ddp = model
+
+        def step(_inner, *args, **kwargs):
+            return train_step(ddp, *args, **kwargs)
+
+    @contextlib.contextmanager
+    def context():
+        with ddp_context(), collectives.remap_collectives():
+            yield
+
+    return inner, step, context
+
+
 def _unwrap_compiled(model: torch.nn.Module) -> torch.nn.Module:
     """A ``torch.compile``d model is traced through its original module."""
     orig = getattr(model, "_orig_mod", None)
@@ -563,8 +594,8 @@ def _check_not_distributed(model: torch.nn.Module) -> None:
         if kind == "DistributedDataParallel":
             raise UnsupportedStep(
                 f"{where} is wrapped in DistributedDataParallel, whose gradient all-reduce runs in "
-                "autograd hooks that a traced step does not call: pass the unwrapped module and "
-                "all-reduce the gradients in train_step with torch.distributed._functional_collectives"
+                "autograd hooks that a traced step does not call: wrap the whole model in DDP (acopt "
+                "traces a top-level DDP's all-reduce), or all-reduce the gradients in train_step"
             )
         if kind in ("FullyShardedDataParallel",) or kind.startswith("FSDP"):
             raise UnsupportedStep(f"{where} is sharded with FSDP ({kind}), which acopt does not trace yet")
@@ -873,15 +904,6 @@ def is_random(node: fx.Node) -> bool:
     return isinstance(t, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in t.tags
 
 
-_COLLECTIVE_NAMESPACES = frozenset({"c10d", "_c10d_functional", "c10d_functional", "_dtensor", "_c10d_functional_autograd"})
-
-
-def is_collective(node: fx.Node) -> bool:
-    """A torch.distributed collective (memory model rule 8: never dropped, never replayed)."""
-    t = node.target
-    return isinstance(t, torch._ops.OpOverload) and t.namespace in _COLLECTIVE_NAMESPACES
-
-
 @dataclasses.dataclass(slots=True)
 class _Traced:
     gm: fx.GraphModule
@@ -1100,6 +1122,7 @@ def _trace(train_step, model, optimizer_arg, optimizers, layout, batch, params, 
     _tag_regions(gm, counters.backward_marks)
     _refuse_unfaithful_nodes(gm)
     _drop_noise(gm)
+    hold_until_wait(gm)
     _functional_bernoulli(gm)
     _outplace_forward_mutations(gm)
     constants = _lift_constants(gm)

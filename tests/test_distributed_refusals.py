@@ -1,6 +1,8 @@
 """Distributed constructs a traced step would silently get wrong are refused
-(issue "Faithful in real training loops", item 7); functional collectives are
-never removed as dead code. One gloo process on 127.0.0.1 (world size 1)."""
+(issue "Faithful in real training loops", item 7); in-place collectives are
+traced as functional ones; functional collectives are never removed as dead
+code. One gloo process on 127.0.0.1 (world size 1); several ranks:
+tests/test_distributed.py."""
 
 from __future__ import annotations
 
@@ -43,11 +45,14 @@ def _state(model, optimizer):
 _step = tiny.train_step
 
 
-def test_ddp_model_is_refused(group):
+def test_ddp_comm_hook_is_refused_leaving_state_untouched(group):
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
     model = nn.parallel.DistributedDataParallel(_net())
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.register_comm_hook(None, default_hooks.allreduce_hook)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     before = _state(model, opt)
-    with pytest.raises(acopt.UnsupportedStep, match="DistributedDataParallel"):
+    with pytest.raises(acopt.UnsupportedStep, match="communication hook"):
         acopt.trace(_step, model, opt, *_batch())
     after = _state(model, opt)
     assert all(torch.equal(before[0][k], after[0][k]) for k in before[0]) and before[1] == after[1] == 0
@@ -61,19 +66,42 @@ def test_ddp_submodule_is_refused(group):
         acopt.trace(_step, model, opt, *_batch())
 
 
-def test_inplace_collective_is_refused(group):
+def test_inplace_collective_is_remapped_to_a_functional_one(group):
     def step(model, optimizer, x, y):
         optimizer.zero_grad()
         loss = F.cross_entropy(model(x), y)
         loss.backward()
         for p in model.parameters():
-            dist.all_reduce(p.grad)  # nothing would wait on its work in a traced step
+            dist.all_reduce(p.grad)  # traced as funcol.all_reduce + wait, copied back into p.grad
         optimizer.step()
         return loss.detach()
 
     model = _net()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    with pytest.raises(acopt.UnsupportedStep, match="in-place torch.distributed collective"):
+    traced = acopt.trace(step, model, opt, *_batch())
+    ops = [str(n.target) for n in traced.graph.nodes]
+    assert sum("_c10d_functional.all_reduce" in t for t in ops) == 4 and not any(t.startswith("c10d.") for t in ops)
+    ref = _net()
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    for i in range(2):
+        assert torch.equal(traced(*tiny.batch(i)), step(ref, ref_opt, *tiny.batch(i)))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref.parameters()))
+
+
+def test_async_inplace_collective_is_refused(group):
+    def step(model, optimizer, x, y):
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        works = [dist.all_reduce(p.grad, async_op=True) for p in model.parameters()]
+        for w in works:
+            w.wait()
+        optimizer.step()
+        return loss.detach()
+
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(acopt.UnsupportedStep, match="async_op=True"):
         acopt.trace(step, model, opt, *_batch())
     assert len(opt.state) == 0  # the momentum state made for tracing was taken back
 
