@@ -28,7 +28,7 @@ import operator
 from collections.abc import Sequence
 
 import torch
-import torch.fx as fx
+from torch import fx
 from torch.overrides import TorchFunctionMode
 
 __all__ = ["is_collective", "max_over_ranks", "remap_collectives", "uses_collectives", "wait_tensor"]
@@ -89,7 +89,10 @@ class remap_collectives(TorchFunctionMode):
 
     def __init__(self):
         super().__init__()
-        from torch.distributed._functional_collectives import REDUCE_OP_TO_STR, traceable_collective_remaps
+        from torch.distributed._functional_collectives import (
+            REDUCE_OP_TO_STR,
+            traceable_collective_remaps,
+        )
 
         self._remaps = traceable_collective_remaps
         self._ops = REDUCE_OP_TO_STR

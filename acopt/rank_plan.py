@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.fx as fx
+from torch import fx
 
 from acopt.collectives import is_collective, uses_collectives
 from acopt.fingerprint import graph_fingerprint
@@ -113,7 +113,7 @@ def plan_on_rank0(make_plan, *args: Any, **kwargs: Any):
     if dist.get_rank() == 0:
         try:
             box[0] = make_plan(*args, **kwargs)
-        except Exception as e:  # every rank raises it, none waits for a plan that never comes
+        except Exception as e:  # noqa: BLE001 -- every rank raises it, none waits for a plan that never comes
             box[0] = e
     dist.broadcast_object_list(box, src=0)
     if isinstance(box[0], BaseException):
