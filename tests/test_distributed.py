@@ -1,0 +1,158 @@
+"""acopt under torch.distributed: 2 gloo ranks on 127.0.0.1 (tests/ranks.py),
+each test bounded in time. Every rank compares acopt's step with eager
+PyTorch (DDP) bitwise; gloo sums two ranks' values in one order, so the
+all-reduced gradients are bitwise equal too."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import acopt
+from tests import ranks
+
+DDP = nn.parallel.DistributedDataParallel
+
+
+def _deep_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(8, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 4)
+    )
+
+
+def _batch(rank: int, i: int = 0, rows: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 * rank + i)
+    return torch.randn(rows, 8, generator=g), torch.randint(0, 4, (rows,), generator=g)
+
+
+def _step(model, optimizer, x, y):
+    optimizer.zero_grad()
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def _hand_reduced_step(model, optimizer, x, y):
+    optimizer.zero_grad()
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    for p in model.parameters():  # traced as a functional all-reduce written back into .grad
+        p.grad.div_(dist.get_world_size())
+        dist.all_reduce(p.grad)
+    optimizer.step()
+    return loss.detach()
+
+
+def _smoothed_step(model, optimizer, x, y):
+    optimizer.zero_grad()
+    loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def _storage_peak(prof) -> int:
+    return max(t - n.temp_bytes for t, n in zip(prof.timeline, prof.nodes))
+
+
+def _storage_peak_sim(prof, sim) -> int:
+    nodes = prof.node_by_name
+    return max(t - nodes[node].temp_bytes for t, (node, _) in zip(sim.timeline, sim.step_nodes))
+
+
+def _same_training(step, model, ref_step, ref_model, rank: int, steps: int = 3) -> None:
+    for i in range(steps):
+        batch = _batch(rank, i)
+        assert torch.equal(step(*batch), ref_step(*batch)), f"rank {rank} step {i}: loss differs from eager DDP"
+        for (name, a), b in zip(model.named_parameters(), ref_model.parameters()):
+            assert torch.equal(a, b), f"rank {rank} step {i}: {name} differs from eager DDP"
+
+
+def _budget_between(traced, batch) -> int:
+    prof = acopt.profile(traced, *batch, warmup=0, iterations=1)
+    floor = acopt.floor(prof)
+    assert floor < prof.peak_bytes
+    return (floor + prof.peak_bytes) // 2
+
+
+def _ddp_body(rank: int, world: int, hand_reduced: bool) -> None:
+    model = _deep_net()
+    ref_model = copy.deepcopy(model)
+    wrapped = model if hand_reduced else DDP(model)
+    ref = DDP(ref_model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    train_step = _hand_reduced_step if hand_reduced else _step
+    batch = _batch(rank)
+    budget = _budget_between(acopt.trace(train_step, wrapped, opt, *batch), batch)
+    step = acopt.compile(train_step, wrapped, opt, *batch, budget=budget)
+    assert step.plan.recompute, "the plan should recompute something"
+    collectives = [n for n in step.traced.graph.nodes if "all_reduce" in str(n.target)]
+    assert collectives and all(n.meta["acopt_region"] != acopt.Region.FORWARD for n in collectives)
+    # memory truth on this rank: the rewritten step's measured storage peak is the simulated one
+    measured = acopt.profile(step.traced, *batch, warmup=0, iterations=1)
+    assert _storage_peak(measured) == _storage_peak_sim(step.profile, acopt.simulate(step.profile, step.plan))
+    _same_training(step, model, lambda *b: _step(ref, ref_opt, *b), ref_model, rank)
+
+
+def test_ddp_step_equals_eager_ddp_with_a_plan():
+    ranks.run(_ddp_body, False, timeout_s=150)
+
+
+@pytest.mark.slow
+def test_hand_reduced_step_equals_eager_ddp_with_a_plan():
+    ranks.run(_ddp_body, True, timeout_s=150)
+
+
+class _WithUnused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = _deep_net()
+        self.spare = nn.Linear(4, 4)  # never called: DDP raises for it
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def _mismatch_body(rank: int, world: int) -> None:
+    from acopt import rank_plan
+
+    # 1. an injected asymmetric plan: rank 1 runs another plan than the one broadcast
+    model = DDP(_deep_net())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    batch = _batch(rank)
+    budget = _budget_between(acopt.trace(_step, model, opt, *batch), batch)
+    real = rank_plan.plan_on_rank0
+    if rank == 1:
+        rank_plan.plan_on_rank0 = lambda *a, **k: dataclasses.replace(real(*a, **k), recompute=frozenset())
+    try:
+        with pytest.raises(acopt.RankMismatch, match="different plans"):
+            acopt.compile(_step, model, opt, *batch, budget=budget)
+    finally:
+        rank_plan.plan_on_rank0 = real
+    # 2. ranks that trace different steps are refused before anything runs
+    other = DDP(_deep_net())
+    other_opt = torch.optim.SGD(other.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in other.parameters()]
+    with pytest.raises(acopt.RankMismatch, match="different training steps"):
+        acopt.compile(_step if rank == 0 else _smoothed_step, other, other_opt, *batch, budget="100%")
+    assert all(torch.equal(a, b) for a, b in zip(before, other.parameters()))
+    # 3. a refused DDP step (an unused parameter) leaves model and optimizer untouched
+    ddp = DDP(_WithUnused())
+    adam = torch.optim.Adam(ddp.parameters())
+    before = [p.detach().clone() for p in ddp.parameters()]
+    with pytest.raises(acopt.UnsupportedStep, match="get no gradient"):
+        acopt.compile(_step, ddp, adam, *batch, budget="100%")
+    assert len(adam.state) == 0 and all(torch.equal(a, b) for a, b in zip(before, ddp.parameters()))
+
+
+def test_asymmetric_plans_and_steps_are_clear_errors():
+    ranks.run(_mismatch_body, timeout_s=150)
