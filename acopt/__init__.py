@@ -51,6 +51,7 @@ _EXPORTS = {
     "profile": "acopt.profiler",
     "rewrite": "acopt.rewriter",
     "compile": "acopt.compiler",
+    "shard": "acopt.sharding",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -71,6 +72,7 @@ def __dir__():
 
 if TYPE_CHECKING:  # pragma: no cover
     from acopt.compiler import compile
+    from acopt.sharding import shard
     from acopt.planning import InfeasibleBudget, Plan, PlanStatus, floor, plan, planners, register_planner
     from acopt.profiler import profile
     from acopt.records import ActivationRecord, NodeRecord, Profile, Region, Role, StorageRecord

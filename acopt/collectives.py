@@ -31,7 +31,7 @@ import torch
 from torch import fx
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["is_collective", "max_over_ranks", "remap_collectives", "uses_collectives", "wait_tensor"]
+__all__ = ["is_collective", "is_replayable_gather", "max_over_ranks", "remap_collectives", "uses_collectives", "wait_tensor"]
 
 _NAMESPACES = frozenset({"c10d", "_c10d_functional", "c10d_functional", "_dtensor", "_c10d_functional_autograd"})
 
@@ -55,6 +55,22 @@ def is_collective(node: fx.Node) -> bool:
     if t is wait_tensor:
         return True
     return isinstance(t, torch._ops.OpOverload) and t.namespace in _NAMESPACES
+
+
+def is_replayable_gather(node: fx.Node) -> bool:
+    """An all-gather of a graph input (a sharded parameter, :mod:`acopt.sharding`)
+    in the forward region, or its wait: the one collective a recompute block may
+    replay (the planned re-gather of weights; every rank runs the same plan)."""
+    from acopt.records import Region
+    from acopt.tracer import REGION_KEY
+
+    if node.target is wait_tensor:
+        issue = node.args[0]
+        return isinstance(issue, fx.Node) and is_replayable_gather(issue)
+    if node.target is not torch.ops._c10d_functional.all_gather_into_tensor.default:
+        return False
+    source = node.args[0]
+    return isinstance(source, fx.Node) and source.op == "placeholder" and node.meta.get(REGION_KEY) == Region.FORWARD
 
 
 def uses_collectives(graph: fx.Graph) -> bool:

@@ -598,10 +598,17 @@ def _check_not_distributed(model: torch.nn.Module) -> None:
                 "traces a top-level DDP's all-reduce), or all-reduce the gradients in train_step"
             )
         if kind in ("FullyShardedDataParallel",) or kind.startswith("FSDP"):
-            raise UnsupportedStep(f"{where} is sharded with FSDP ({kind}), which acopt does not trace yet")
+            raise UnsupportedStep(
+                f"{where} is sharded with FSDP ({kind}), which acopt does not trace: shard the plain model "
+                "with acopt.shard(model) instead (parameters, gradients and optimizer state sharded inside "
+                "acopt's graph; docs/usage.md, 'Distributed')"
+            )
     for name, p in model.named_parameters():
         if type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor":
-            raise UnsupportedStep(f"parameter {name!r} is a DTensor (FSDP2/tensor parallel), which acopt does not trace yet")
+            raise UnsupportedStep(
+                f"parameter {name!r} is a DTensor (FSDP2 fully_shard / tensor parallel), which acopt does not "
+                "trace: shard the plain model with acopt.shard(model) instead (docs/usage.md, 'Distributed')"
+            )
 
 
 def _init_optimizer_state(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:

@@ -1,0 +1,191 @@
+"""Sharded data parallel (ZeRO-3 / FSDP-style) inside acopt's graph.
+
+``acopt.shard(model)`` shards a model in place across the ranks of the default
+process group; the optimizer is then made over ``model.parameters()`` (the
+shards), and ``acopt.compile`` traces, plans and rewrites the step as usual::
+
+    acopt.shard(model)                                  # every rank, same model
+    optimizer = torch.optim.AdamW(model.parameters())   # this rank's shards
+    step = acopt.compile(train_step, model, optimizer, *batch, budget="70%")
+
+* A *unit* is a module that owns parameters directly (a Linear: its weight
+  and bias). Its parameters are flattened into one vector, padded to a
+  multiple of the world size, and each rank keeps its slice as the unit's
+  only parameter (``_acopt_shard``): parameters, gradients and optimizer state
+  are 1/world per rank.
+* In the forward, the first read of a unit's weight all-gathers the unit
+  (``all_gather_into_tensor`` + wait) into its full flat vector; the module
+  reads views of it. Its backward divides the full gradient by the world size
+  and reduce-scatters it (SUM) into the shard's gradient: DDP's average,
+  bitwise for two ranks.
+* The gathered full weights are activations like any other: the planner keeps
+  them from the forward (FSDP's ``reshard_after_forward=False``) or re-gathers
+  them before their backward use (``True``), per unit, by the measured cost of
+  the all-gather, alongside ordinary recomputation. The all-gather of a graph
+  input in the forward is the one collective a recompute block may replay
+  (memory model rule 8); every rank runs the same plan (:mod:`acopt.rank_plan`).
+
+Eager calls work too (the same gathers run eagerly), so evaluation needs no
+extra step; :func:`full_state_dict` gathers the full parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from acopt.errors import UnsupportedStep
+
+__all__ = ["full_state_dict", "is_sharded", "shard"]
+
+SHARD = "_acopt_shard"
+_WAIT = torch.ops._c10d_functional.wait_tensor.default
+
+
+@dataclasses.dataclass(slots=True)
+class _Unit:
+    """One sharded module: its parameters' names, shapes and offsets in the flat vector."""
+
+    names: tuple[str, ...]
+    shapes: tuple[torch.Size, ...]
+    offsets: tuple[int, ...]
+    numel: int  # unpadded
+    world: int
+    group_name: str
+    gathered: torch.Tensor | None = None  # the full flat vector while the module's forward runs
+    active: int = 0
+
+    def full(self, module: nn.Module) -> torch.Tensor:
+        if self.gathered is not None:
+            return self.gathered
+        out = _Gather.apply(getattr(module, SHARD), self.world, self.group_name)
+        if self.active:
+            self.gathered = out
+        return out
+
+    def view(self, module: nn.Module, name: str) -> torch.Tensor:
+        i = self.names.index(name)
+        n = math.prod(self.shapes[i])
+        return self.full(module)[self.offsets[i] : self.offsets[i] + n].view(self.shapes[i])
+
+
+class _Gather(torch.autograd.Function):
+    """All-gather a unit's shards; backward: gradient / world, reduce-scattered (SUM)."""
+
+    @staticmethod
+    def forward(ctx, shard: torch.Tensor, world: int, group_name: str) -> torch.Tensor:
+        ctx.world, ctx.group_name = world, group_name
+        return _WAIT(torch.ops._c10d_functional.all_gather_into_tensor.default(shard, world, group_name))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        scaled = grad.div(ctx.world).contiguous()
+        out = torch.ops._c10d_functional.reduce_scatter_tensor.default(scaled, "sum", ctx.world, ctx.group_name)
+        return _WAIT(out), None, None
+
+
+def _sharded_class(cls: type, names: tuple[str, ...]) -> type:
+    """A subclass of ``cls`` whose parameters ``names`` are views of the gathered unit."""
+
+    def getter(name):
+        return property(lambda self: self._acopt_unit.view(self, name))
+
+    return type(f"Sharded{cls.__name__}", (cls,), {n: getter(n) for n in names} | {"_acopt_sharded_class": True})
+
+
+def _enter(module, args):
+    unit = module._acopt_unit
+    unit.active += 1
+
+
+def _leave(module, args, output):
+    unit = module._acopt_unit
+    unit.active -= 1
+    if not unit.active:
+        unit.gathered = None
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return any(hasattr(m, "_acopt_unit") for m in model.modules())
+
+
+def shard(model: nn.Module, *, group=None) -> nn.Module:
+    """Shard ``model``'s parameters in place across the ranks of ``group`` (default:
+    the world). Rank 0's parameters and buffers are broadcast first (as DDP does),
+    so every rank starts from the same model. Returns ``model``. Build the
+    optimizer after this call, over ``model.parameters()``."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("acopt.shard needs torch.distributed initialised (init_process_group)")
+    if is_sharded(model):
+        raise ValueError("the model is already sharded")
+    group = group or dist.group.WORLD
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    src = dist.get_global_rank(group, 0)
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(t, src, group=group)
+    seen: set[int] = set()
+    for name, module in list(model.named_modules()):
+        own = [(n, p) for n, p in module._parameters.items() if p is not None]
+        if not own:
+            continue
+        for n, p in own:
+            if id(p) in seen:
+                raise UnsupportedStep(
+                    f"parameter {name}.{n} is shared with another module (tied weights): acopt.shard does not "
+                    "shard tied parameters yet"
+                )
+            seen.add(id(p))
+            if not p.requires_grad:
+                raise UnsupportedStep(f"parameter {name}.{n} is frozen: acopt.shard shards trainable parameters only")
+        dtypes = {p.dtype for _, p in own}
+        if len(dtypes) > 1:
+            raise UnsupportedStep(f"module {name!r} holds parameters of several dtypes: not supported by acopt.shard")
+        flat = torch.cat([p.detach().reshape(-1) for _, p in own])
+        numel = flat.numel()
+        per_rank = -(-numel // world)
+        flat = torch.cat([flat, flat.new_zeros(per_rank * world - numel)])
+        offsets, total = [], 0
+        for _, p in own:
+            offsets.append(total)
+            total += p.numel()
+        unit = _Unit(
+            names=tuple(n for n, _ in own),
+            shapes=tuple(p.shape for _, p in own),
+            offsets=tuple(offsets),
+            numel=numel,
+            world=world,
+            group_name=group.group_name,
+        )
+        for n, _ in own:
+            del module._parameters[n]
+        module.register_parameter(SHARD, nn.Parameter(flat[rank * per_rank : (rank + 1) * per_rank].clone()))
+        module._acopt_unit = unit
+        module.__class__ = _sharded_class(type(module), unit.names)
+        module.register_forward_pre_hook(_enter)
+        module.register_forward_hook(_leave, always_call=True)
+    return model
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The unsharded parameters (every rank gathers them) and buffers, by their original names."""
+    out: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            unit = getattr(module, "_acopt_unit", None)
+            prefix = f"{name}." if name else ""
+            if unit is not None:
+                full = _Gather.apply(getattr(module, SHARD), unit.world, unit.group_name)
+                for n, shape, off in zip(unit.names, unit.shapes, unit.offsets):
+                    out[prefix + n] = full[off : off + math.prod(shape)].view(shape).clone()
+            for n, p in module._parameters.items():
+                if p is not None and n != SHARD:
+                    out[prefix + n] = p.detach().clone()
+            for n, b in module._buffers.items():
+                if b is not None:
+                    out[prefix + n] = b.detach().clone()
+    return out
