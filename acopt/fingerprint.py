@@ -48,8 +48,8 @@ class NodeFacts:
 
 def node_facts(node: fx.Node) -> NodeFacts:
     """The profiler's per-node facts that need no run: from the node and its schema."""
-    from acopt.profiler import BATCH_NORM_OPS, DROP_RUNNING_STATS, _target_name, is_random, mutated_args
     from acopt.collectives import is_collective, is_replayable_gather
+    from acopt.profiler import BATCH_NORM_OPS, DROP_RUNNING_STATS, _target_name, is_random, mutated_args
     from acopt.tracer import REGION_KEY
 
     op = _target_name(node)
