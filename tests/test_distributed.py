@@ -20,11 +20,12 @@ from tests import ranks
 DDP = nn.parallel.DistributedDataParallel
 
 
-def _deep_net() -> nn.Module:
+def _deep_net(width: int = 64) -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Linear(8, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 4)
-    )
+        nn.Linear(8, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(),
+        nn.Linear(width, 4),
+    )  # fmt: skip
 
 
 def _batch(rank: int, i: int = 0, rows: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,3 +157,61 @@ def _mismatch_body(rank: int, world: int) -> None:
 
 def test_asymmetric_plans_and_steps_are_clear_errors():
     ranks.run(_mismatch_body, timeout_s=150)
+
+
+def _full_equal(model, ref_model) -> bool:
+    full = acopt.sharding.full_state_dict(model)
+    return full.keys() == ref_model.state_dict().keys() and all(
+        torch.equal(full[k], v) for k, v in ref_model.state_dict().items()
+    )
+
+
+def _sharded_body(rank: int, world: int) -> None:
+    model = _deep_net(width=256)  # weights as large as a batch of 64's activations
+    ref_model = copy.deepcopy(model)
+    ref = DDP(ref_model)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    full_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    acopt.shard(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    shard_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert full_bytes / world <= shard_bytes <= full_bytes / world + 4 * world * 4  # 1/world, plus padding
+    batch = _batch(rank, rows=64)
+    # the eager sharded step (same gathers, run eagerly) is DDP's step
+    assert torch.equal(_step(model, opt, *batch), _step(ref, ref_opt, *batch)) and _full_equal(model, ref_model)
+    state_bytes = sum(s["momentum_buffer"].numel() * 4 for s in opt.state.values())
+    assert state_bytes == shard_bytes  # optimizer state is sharded too
+
+    traced = acopt.trace(_step, model, opt, *batch)
+    prof = acopt.profile(traced, *batch, warmup=0, iterations=1)
+    gathers = frozenset(a.name for a in prof.activations if a.recomputable and a.name.startswith("all_gather"))
+    others = frozenset(a.name for a in prof.activations if a.recomputable) - gathers
+    assert len(gathers) == 3  # every unit but the first is read again in the backward
+    plans = {"none": frozenset(), "keep": others, "re-gather": gathers, "re-gather and recompute": gathers | others}
+    peaks = {}
+    for label, recompute in plans.items():
+        step = acopt.rewrite(traced, recompute, profile=prof)
+        sim = acopt.simulate(prof, recompute)
+        measured = acopt.profile(step, *batch, warmup=0, iterations=1)
+        assert _storage_peak(measured) == _storage_peak_sim(prof, sim), label
+        peaks[label] = sim.peak_bytes
+        replayed = [
+            n for n in step.graph.nodes if "all_gather" in str(n.target) and n.meta["acopt_region"] != acopt.Region.FORWARD
+        ]
+        if label in ("none", "re-gather"):  # the re-gathers run in the backward
+            assert len(replayed) == (len(gathers) if recompute else 0), label
+        for i in range(1, 3):
+            b = _batch(rank, 10 * len(peaks) + i, rows=64)
+            assert torch.equal(step(*b), _step(ref, ref_opt, *b)), f"rank {rank} {label} step {i}: loss"
+            assert _full_equal(model, ref_model), f"rank {rank} {label} step {i}: parameters differ from eager DDP"
+    assert peaks["re-gather"] <= peaks["none"] and peaks["re-gather and recompute"] <= peaks["keep"]
+    # the planner re-gathers weights when the budget asks for it
+    step = acopt.compile(_step, model, opt, *batch, budget=acopt.floor(prof))
+    assert gathers & step.plan.recompute, sorted(step.plan.recompute)
+    b = _batch(rank, 99, rows=64)
+    assert torch.equal(step(*b), _step(ref, ref_opt, *b)) and _full_equal(model, ref_model)
+
+
+@pytest.mark.slow
+def test_sharded_step_equals_eager_ddp_with_keep_and_regather_plans():
+    ranks.run(_sharded_body, timeout_s=200)
