@@ -31,8 +31,10 @@ extra step; :func:`full_state_dict` gathers the full parameters.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -111,6 +113,33 @@ def _leave(module, args, output):
 
 def is_sharded(model: nn.Module) -> bool:
     return any(hasattr(m, "_acopt_unit") for m in model.modules())
+
+
+@contextlib.contextmanager
+def refuse_whole_model_norms(model: nn.Module) -> Iterator[None]:
+    """While tracing a sharded model: gradient clipping by norm would see this
+    rank's shards only (a silently different step), so it is refused."""
+    if not is_sharded(model):
+        yield
+        return
+    import torch.nn.utils as nn_utils
+    from torch.nn.utils import clip_grad
+
+    def refuse(*args, **kwargs):
+        raise UnsupportedStep(
+            "train_step clips gradients by norm on a model sharded by acopt.shard: the norm would be this "
+            "rank's shard's only; train it with DDP instead, or clip by value"
+        )
+
+    names = [n for n in ("clip_grad_norm_", "clip_grad_norm", "get_total_norm") if hasattr(clip_grad, n)]
+    saved = [(mod, n, getattr(mod, n)) for mod in (clip_grad, nn_utils) for n in names if hasattr(mod, n)]
+    try:
+        for mod, n, _ in saved:
+            setattr(mod, n, refuse)
+        yield
+    finally:
+        for mod, n, f in saved:
+            setattr(mod, n, f)
 
 
 def shard(model: nn.Module, *, group=None) -> nn.Module:

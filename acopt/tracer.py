@@ -528,7 +528,7 @@ def _distributed_tracing(model, train_step):
 
     if not (dist.is_available() and dist.is_initialized()):
         return model, train_step, contextlib.nullcontext
-    from acopt import collectives, data_parallel
+    from acopt import collectives, data_parallel, sharding
 
     inner, ddp_context = data_parallel.unwrap(model)
     step = train_step
@@ -540,7 +540,7 @@ def _distributed_tracing(model, train_step):
 
     @contextlib.contextmanager
     def context():
-        with ddp_context(), collectives.remap_collectives():
+        with ddp_context(), collectives.remap_collectives(), sharding.refuse_whole_model_norms(inner):
             yield
 
     return inner, step, context

@@ -60,6 +60,15 @@ def _smoothed_step(model, optimizer, x, y):
     return loss.detach()
 
 
+def _clipped_step(model, optimizer, x, y):
+    optimizer.zero_grad()
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return loss.detach()
+
+
 def _storage_peak(prof) -> int:
     return max(t - n.temp_bytes for t, n in zip(prof.timeline, prof.nodes))
 
@@ -181,6 +190,12 @@ def _sharded_body(rank: int, world: int) -> None:
     assert torch.equal(_step(model, opt, *batch), _step(ref, ref_opt, *batch)) and _full_equal(model, ref_model)
     state_bytes = sum(s["momentum_buffer"].numel() * 4 for s in opt.state.values())
     assert state_bytes == shard_bytes  # optimizer state is sharded too
+
+    before = [p.detach().clone() for p in model.parameters()], [s["momentum_buffer"].clone() for s in opt.state.values()]
+    with pytest.raises(acopt.UnsupportedStep, match="clips gradients by norm"):
+        acopt.trace(_clipped_step, model, opt, *batch)  # the norm would be this rank's shards' only
+    assert all(torch.equal(a, b) for a, b in zip(before[0], model.parameters()))
+    assert all(torch.equal(a, s["momentum_buffer"]) for a, s in zip(before[1], opt.state.values()))
 
     traced = acopt.trace(_step, model, opt, *batch)
     prof = acopt.profile(traced, *batch, warmup=0, iterations=1)
