@@ -132,6 +132,33 @@ class _WithUnused(nn.Module):
         return self.net(x)
 
 
+def _buffers_body(rank: int, world: int) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 64), nn.BatchNorm1d(64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 4))
+    ref_model = copy.deepcopy(model)
+    ddp, ref = DDP(model), DDP(ref_model)
+    if rank == 1:  # buffers that differ across ranks: DDP broadcasts rank 0's before every forward
+        with torch.no_grad():
+            model[1].running_mean.add_(1.0)
+            ref_model[1].running_mean.add_(1.0)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    batch = _batch(rank)
+    budget = _budget_between(acopt.trace(_step, ddp, opt, *batch), batch)
+    step = acopt.compile(_step, ddp, opt, *batch, budget=budget)
+    assert step.plan.recompute
+    for i in range(3):
+        b = _batch(rank, i)
+        assert torch.equal(step(*b), _step(ref, ref_opt, *b))
+        for (name, a), c in zip(model.state_dict().items(), ref_model.state_dict().values()):
+            assert torch.equal(a, c), f"rank {rank} step {i}: {name} differs from eager DDP"
+
+
+@pytest.mark.slow
+def test_ddp_broadcast_buffers_equal_eager_ddp():
+    ranks.run(_buffers_body, timeout_s=150)
+
+
 def _mismatch_body(rank: int, world: int) -> None:
     from acopt import rank_plan
 

@@ -129,3 +129,38 @@ def test_functional_collective_is_never_dead_code(group):
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
     assert torch.equal(traced(*_batch()), _step(ref, ref_opt, *_batch()))
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref.parameters()))
+
+
+@pytest.mark.parametrize("fake", [False, True])
+def test_wait_is_an_alias_and_holds_the_collectives_inputs(group, fake):
+    """Rule 8: the wait allocates nothing (fake and measured profiles alike); an
+    all-gather's input lives until its wait, an all-reduce's (copied at issue) does not."""
+    import torch.distributed._functional_collectives as funcol
+
+    def step(model, optimizer, x, y):
+        optimizer.zero_grad()
+        h = model(x)
+        gathered = funcol.all_gather_tensor(h * 2, 0, group)  # the backend reads h * 2 until the wait
+        reduced = funcol.all_reduce(h * 3, "sum", group)
+        loss = F.cross_entropy(gathered + reduced, y)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    traced = acopt.trace(step, model, opt, *_batch())
+    waits = [n for n in traced.graph.nodes if getattr(n.target, "__name__", "") == "wait_tensor"]
+    assert len(waits) == 4  # funcol collectives are differentiable: two more in the backward
+    prof = acopt.profile(traced, *_batch(), warmup=0, iterations=1, fake=fake)
+    for w in waits:
+        record = prof.node_by_name[w.name]
+        issue = prof.node_by_name[w.args[0].name]
+        assert record.allocates == () and record.storages == issue.storages  # an alias of the issue's output
+    forward = [w for w in waits if w.meta["acopt_region"] == acopt.Region.FORWARD]
+    gather_wait, reduce_wait = sorted(forward, key=lambda w: "all_reduce" in w.args[0].name)
+    assert [a.target for a in gather_wait.args[1:]] == [torch.ops.aten.mul.Tensor]  # h * 2, alive until here
+    assert reduce_wait.args[1:] == ()  # all_reduce copies its input at issue
+    ref = _net()
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    assert torch.equal(traced(*_batch()), step(ref, ref_opt, *_batch()))
