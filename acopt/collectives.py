@@ -38,6 +38,8 @@ _NAMESPACES = frozenset({"c10d", "_c10d_functional", "c10d_functional", "_dtenso
 #: Issue ops whose C++ kernel copies its input before the (asynchronous) collective runs:
 #: the input may be freed after the issue. Every other issue op's inputs live until the wait.
 _COPIES_INPUT = frozenset({"all_reduce", "all_reduce_coalesced", "broadcast"})
+#: In-place issue ops: the input is the output, which the wait reads anyway.
+_IN_PLACE = frozenset({"all_reduce_", "all_reduce_coalesced_", "broadcast_"})
 
 
 def wait_tensor(tensor: torch.Tensor, *held: torch.Tensor) -> torch.Tensor:
@@ -87,7 +89,7 @@ def hold_until_wait(gm: fx.GraphModule) -> None:
             issue = issue.args[0]
         held: list[fx.Node] = []
         t = getattr(issue, "target", None)
-        if isinstance(t, torch._ops.OpOverload) and t._schema.name.split("::")[-1] not in _COPIES_INPUT:
+        if isinstance(t, torch._ops.OpOverload) and t._schema.name.split("::")[-1] not in _COPIES_INPUT | _IN_PLACE:
             held = list(dict.fromkeys(issue.all_input_nodes))
         n.target = wait_tensor
         n.args = (n.args[0], *held)

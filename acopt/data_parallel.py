@@ -109,7 +109,8 @@ class _Reducer:
 
     def _issue(self, bucket: list[torch.Tensor]) -> None:
         flat = torch.cat([q.grad.reshape(-1) for q in bucket]).div_(self.world)
-        out = torch.ops._c10d_functional.all_reduce.default(flat, "sum", self.group_name)
+        # in place on the fresh bucket, as DDP's reducer (the out-of-place op would copy it first)
+        out = torch.ops._c10d_functional.all_reduce_.default(flat, "sum", self.group_name)
         self.pending.append((out, bucket))
         self.issued += 1
 

@@ -11,8 +11,10 @@ on 2 gloo ranks (CPU, 127.0.0.1), four ways:
 Peak is the whole step's (benchmarks/memory.py: torch.profiler allocation
 events on top of the live parameters, gradients, optimizer state and batch;
 DDP's own bucket buffers are not counted); ``sim`` is acopt's simulated peak.
-``state`` is the rank's parameter + optimizer-state bytes. ``first loss ==
-none`` compares the first step's loss with eager DDP's (same seed).
+``state`` is the rank's parameter + optimizer-state bytes; ``recomputed`` the
+plan's recomputed activations of the recomputable ones, ``re-gathered`` of
+those the units' gathered weights. ``first loss == none`` compares the first
+step's loss with eager DDP's (same seed).
 
     python -m benchmarks.distributed --batch-size 32 --budget 70%
 """
@@ -53,9 +55,14 @@ def _one(method: str, args, rank: int) -> dict:
     row: dict = {"method": method, "rank": rank, "sim": None}
     start = time.perf_counter()
     if method.endswith("acopt"):
-        compiled = acopt.compile(w.train_step, stepped, optimizer, *batch, budget=args.budget)
+        try:
+            compiled = acopt.compile(w.train_step, stepped, optimizer, *batch, budget=args.budget)
+        except acopt.InfeasibleBudget as e:  # raised on every rank (rank 0 plans, the error is broadcast)
+            return row | {"infeasible": f"budget below the floor {format_bytes(e.floor_bytes)}"}
         row["sim"] = compiled.report().peak_after_bytes
-        row["recomputed"] = len(compiled.plan.recompute)
+        gathers = [a.name for a in compiled.profile.activations if a.recomputable and a.name.startswith("all_gather")]
+        row["regathered"] = f"{sum(g in compiled.plan.recompute for g in gathers)}/{len(gathers)}" if gathers else "-"
+        row["recomputed"] = f"{len(compiled.plan.recompute)}/{sum(a.recomputable for a in compiled.profile.activations)}"
 
         def step():
             return compiled(*batch)
@@ -85,14 +92,20 @@ def _rank_main(rank: int, world: int, args) -> None:
         f"transformer (d_model {args.d_model}, {args.layers} layers), batch {args.batch_size} per rank, "
         f"{world} gloo ranks, budget {args.budget}, {torch.get_num_threads()} thread(s) per rank"
     )
-    header = f"{'method':<14} {'rank':>4} {'peak':>10} {'sim':>10} {'state':>10} {'step ms':>8} {'first loss == none':>18}"
+    header = (
+        f"{'method':<14} {'rank':>4} {'peak':>10} {'sim':>10} {'state':>10} {'step ms':>8} {'recomputed':>10} "
+        f"{'re-gathered':>11} {'first loss == none':>18}"
+    )
     print(header)
     for r in sorted((r for rows_ in gathered for r in rows_), key=lambda r: (METHODS.index(r["method"]), r["rank"])):
+        if "infeasible" in r:
+            print(f"{r['method']:<14} {r['rank']:>4} infeasible: {r['infeasible']}")
+            continue
         sim = format_bytes(r["sim"]) if r["sim"] else "-"
         same = r["first_loss"] == none.get(r["rank"]) if none else "-"
         print(
             f"{r['method']:<14} {r['rank']:>4} {format_bytes(r['peak']):>10} {sim:>10} {format_bytes(r['state']):>10} "
-            f"{r['step_s'] * 1e3:>8.1f} {same!s:>18}"
+            f"{r['step_s'] * 1e3:>8.1f} {r.get('recomputed', '-'):>10} {r.get('regathered', '-'):>11} {same!s:>18}"
         )
 
 

@@ -32,6 +32,7 @@ def _entry(rank: int, fn, port: int, world: int, args: tuple, group_timeout_s: f
     )
     try:
         fn(rank, world, *args)
+        dist.barrier()  # no rank tears its connections down while a peer still talks to it
     finally:
         dist.destroy_process_group()
 
