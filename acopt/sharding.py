@@ -4,15 +4,16 @@
 process group; the optimizer is then made over ``model.parameters()`` (the
 shards), and ``acopt.compile`` traces, plans and rewrites the step as usual::
 
-    acopt.shard(model)                                  # every rank, same model
+    acopt.shard(model, units=(Block,))                  # every rank, same model
     optimizer = torch.optim.AdamW(model.parameters())   # this rank's shards
     step = acopt.compile(train_step, model, optimizer, *batch, budget="70%")
 
-* A *unit* is a module that owns parameters directly (a Linear: its weight
-  and bias). Its parameters are flattened into one vector, padded to a
-  multiple of the world size, and each rank keeps its slice as the unit's
-  only parameter (``_acopt_shard``): parameters, gradients and optimizer state
-  are 1/world per rank.
+* A *unit* is a module of a type in ``units`` (a transformer block) with
+  every parameter below it, or any other module that owns parameters
+  directly (a Linear: its weight and bias). Its parameters are flattened into
+  one vector, padded to a multiple of the world size, and each rank keeps its
+  slice as the unit's only parameter (``_acopt_shard`` on the unit's module):
+  parameters, gradients and optimizer state are 1/world per rank.
 * In the forward, the first read of a unit's weight all-gathers the unit
   (``all_gather_into_tensor`` + wait) into its full flat vector; the module
   reads views of it. Its backward divides the full gradient by the world size
@@ -48,31 +49,34 @@ SHARD = "_acopt_shard"
 _WAIT = torch.ops._c10d_functional.wait_tensor.default
 
 
-@dataclasses.dataclass(slots=True)
+@dataclasses.dataclass(slots=True, eq=False)
 class _Unit:
-    """One sharded module: its parameters' names, shapes and offsets in the flat vector."""
+    """One sharded unit: the module that owns its shard, and where each of its
+    parameters (``names``, relative to the owner) sits in the flat vector."""
 
+    owner: nn.Module
     names: tuple[str, ...]
     shapes: tuple[torch.Size, ...]
     offsets: tuple[int, ...]
+    index: dict[tuple[int, str], int]  # (id(submodule), attribute) -> position in names
     numel: int  # unpadded
     world: int
     group_name: str
-    gathered: torch.Tensor | None = None  # the full flat vector while the module's forward runs
+    gathered: torch.Tensor | None = None  # the full flat vector while the owner's forward runs
     active: int = 0
 
-    def full(self, module: nn.Module) -> torch.Tensor:
+    def full(self) -> torch.Tensor:
         if self.gathered is not None:
             return self.gathered
-        out = _Gather.apply(getattr(module, SHARD), self.world, self.group_name)
+        out = _Gather.apply(getattr(self.owner, SHARD), self.world, self.group_name)
         if self.active:
             self.gathered = out
         return out
 
-    def view(self, module: nn.Module, name: str) -> torch.Tensor:
-        i = self.names.index(name)
+    def view(self, module: nn.Module, attr: str) -> torch.Tensor:
+        i = self.index[(id(module), attr)]
         n = math.prod(self.shapes[i])
-        return self.full(module)[self.offsets[i] : self.offsets[i] + n].view(self.shapes[i])
+        return self.full()[self.offsets[i] : self.offsets[i] + n].view(self.shapes[i])
 
 
 class _Gather(torch.autograd.Function):
@@ -100,19 +104,19 @@ def _sharded_class(cls: type, names: tuple[str, ...]) -> type:
 
 
 def _enter(module, args):
-    unit = module._acopt_unit
+    unit = module._acopt_owned
     unit.active += 1
 
 
 def _leave(module, args, output):
-    unit = module._acopt_unit
+    unit = module._acopt_owned
     unit.active -= 1
     if not unit.active:
         unit.gathered = None
 
 
 def is_sharded(model: nn.Module) -> bool:
-    return any(hasattr(m, "_acopt_unit") for m in model.modules())
+    return any(hasattr(m, "_acopt_owned") for m in model.modules())
 
 
 @contextlib.contextmanager
@@ -142,73 +146,109 @@ def refuse_whole_model_norms(model: nn.Module) -> Iterator[None]:
             setattr(mod, n, f)
 
 
-def shard(model: nn.Module, *, group=None) -> nn.Module:
+def shard(model: nn.Module, *, units: tuple[type, ...] = (), group=None) -> nn.Module:
     """Shard ``model``'s parameters in place across the ranks of ``group`` (default:
-    the world). Rank 0's parameters and buffers are broadcast first (as DDP does),
-    so every rank starts from the same model. Returns ``model``. Build the
-    optimizer after this call, over ``model.parameters()``."""
+    the world). A unit is every module of a type in ``units`` (e.g. the
+    transformer block class: one all-gather per block) with all parameters
+    below it, and every other module that owns parameters directly. Rank 0's
+    parameters and buffers are broadcast first (as DDP does), so every rank
+    starts from the same model. Returns ``model``; build the optimizer after
+    this call, over ``model.parameters()``."""
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("acopt.shard needs torch.distributed initialised (init_process_group)")
     if is_sharded(model):
         raise ValueError("the model is already sharded")
     group = group or dist.group.WORLD
     world, rank = dist.get_world_size(group), dist.get_rank(group)
+    _check_shardable(model)
     src = dist.get_global_rank(group, 0)
     with torch.no_grad():
         for t in [*model.parameters(), *model.buffers()]:
             dist.broadcast(t, src, group=group)
-    seen: set[int] = set()
-    for name, module in list(model.named_modules()):
-        own = [(n, p) for n, p in module._parameters.items() if p is not None]
-        if not own:
-            continue
-        for n, p in own:
-            if id(p) in seen:
-                raise UnsupportedStep(
-                    f"parameter {name}.{n} is shared with another module (tied weights): acopt.shard does not "
-                    "shard tied parameters yet"
-                )
-            seen.add(id(p))
-            if not p.requires_grad:
-                raise UnsupportedStep(f"parameter {name}.{n} is frozen: acopt.shard shards trainable parameters only")
-        dtypes = {p.dtype for _, p in own}
-        if len(dtypes) > 1:
-            raise UnsupportedStep(f"module {name!r} holds parameters of several dtypes: not supported by acopt.shard")
-        flat = torch.cat([p.detach().reshape(-1) for _, p in own])
+    for name, owner in _unit_owners(model, tuple(units)):
+        below = owner.named_modules() if units and isinstance(owner, units) else [("", owner)]
+        members = [(sub_name, sub, attr, p) for sub_name, sub in below for attr, p in sub._parameters.items() if p is not None]
+        flat = torch.cat([p.detach().reshape(-1) for *_, p in members])
         numel = flat.numel()
         per_rank = -(-numel // world)
         flat = torch.cat([flat, flat.new_zeros(per_rank * world - numel)])
         offsets, total = [], 0
-        for _, p in own:
+        for *_, p in members:
             offsets.append(total)
             total += p.numel()
         unit = _Unit(
-            names=tuple(n for n, _ in own),
-            shapes=tuple(p.shape for _, p in own),
+            owner=owner,
+            names=tuple(f"{sub_name}.{attr}" if sub_name else attr for sub_name, _, attr, _ in members),
+            shapes=tuple(p.shape for *_, p in members),
             offsets=tuple(offsets),
+            index={(id(sub), attr): i for i, (_, sub, attr, _) in enumerate(members)},
             numel=numel,
             world=world,
             group_name=group.group_name,
         )
-        for n, _ in own:
-            del module._parameters[n]
-        module.register_parameter(SHARD, nn.Parameter(flat[rank * per_rank : (rank + 1) * per_rank].clone()))
-        module._acopt_unit = unit
-        module.__class__ = _sharded_class(type(module), unit.names)
-        module.register_forward_pre_hook(_enter)
-        module.register_forward_hook(_leave, always_call=True)
+        by_module: dict[int, tuple[nn.Module, list[str]]] = {}
+        for _, sub, attr, _ in members:
+            del sub._parameters[attr]
+            by_module.setdefault(id(sub), (sub, []))[1].append(attr)
+        for sub, attrs in by_module.values():
+            sub._acopt_unit = unit
+            sub.__class__ = _sharded_class(type(sub), tuple(attrs))
+        owner.register_parameter(SHARD, nn.Parameter(flat[rank * per_rank : (rank + 1) * per_rank].clone()))
+        owner._acopt_owned = unit
+        owner.register_forward_pre_hook(_enter)
+        owner.register_forward_hook(_leave, always_call=True)
     return model
 
 
+def _unit_owners(model: nn.Module, units: tuple[type, ...]) -> list[tuple[str, nn.Module]]:
+    """Modules of a ``units`` type (outermost first), then every other module owning parameters directly."""
+    owners: list[tuple[str, nn.Module]] = []
+    covered: list[str] = []
+
+    def inside(name: str) -> bool:
+        return any(name == c or name.startswith(c + ".") for c in covered)
+
+    if units:
+        for name, m in model.named_modules():
+            if not inside(name) and isinstance(m, units) and any(True for _ in m.parameters()):
+                owners.append((name, m))
+                covered.append(name)
+    for name, m in model.named_modules():
+        if not inside(name) and any(p is not None for p in m._parameters.values()):
+            owners.append((name, m))
+    return owners
+
+
+def _check_shardable(model: nn.Module) -> None:
+    """Refuse what a sharded unit cannot hold, before anything is changed."""
+    seen: dict[int, str] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        for attr, p in m._parameters.items():
+            if p is None:
+                continue
+            where = f"{name}.{attr}" if name else attr
+            if id(p) in seen and seen[id(p)] != where:
+                raise UnsupportedStep(
+                    f"parameter {where} is shared with {seen[id(p)]} (tied weights): acopt.shard does not shard "
+                    "tied parameters yet"
+                )
+            seen[id(p)] = where
+            if not p.requires_grad:
+                raise UnsupportedStep(f"parameter {where} is frozen: acopt.shard shards trainable parameters only")
+    if len({p.dtype for p in model.parameters()}) > 1:
+        raise UnsupportedStep("the model holds parameters of several dtypes: not supported by acopt.shard yet")
+
+
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The unsharded parameters (every rank gathers them) and buffers, by their original names."""
+    """The unsharded parameters (every rank gathers them, in module order) and the
+    buffers, by their original names."""
     out: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for name, module in model.named_modules():
-            unit = getattr(module, "_acopt_unit", None)
             prefix = f"{name}." if name else ""
+            unit = getattr(module, "_acopt_owned", None)
             if unit is not None:
-                full = _Gather.apply(getattr(module, SHARD), unit.world, unit.group_name)
+                full = unit.full()
                 for n, shape, off in zip(unit.names, unit.shapes, unit.offsets):
                     out[prefix + n] = full[off : off + math.prod(shape)].view(shape).clone()
             for n, p in module._parameters.items():

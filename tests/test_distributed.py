@@ -257,3 +257,39 @@ def _sharded_body(rank: int, world: int) -> None:
 @pytest.mark.slow
 def test_sharded_step_equals_eager_ddp_with_keep_and_regather_plans():
     ranks.run(_sharded_body, timeout_s=200)
+
+
+def _transformer_blocks_body(rank: int, world: int) -> None:
+    from acopt import models
+
+    w = models.transformer(batch_size=4, seed=0)  # dropout on: acopt draws what eager draws
+    model = w.model
+    ref_model = copy.deepcopy(model)
+    ref = DDP(ref_model)
+    acopt.shard(model, units=(models.PreLNBlock,))
+    assert [n for n, _ in model.named_parameters()] == [
+        "tok._acopt_shard", "pos._acopt_shard", "layers.0._acopt_shard", "layers.1._acopt_shard",
+        "ln_f._acopt_shard", "head._acopt_shard",
+    ]  # fmt: skip
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    batch = w.make_batch(rank + 1)
+    try:
+        acopt.compile(w.train_step, model, opt, *batch, budget=1)
+    except acopt.InfeasibleBudget as e:  # raised on every rank: rank 0's planner error is broadcast
+        floor = e.floor_bytes
+    step = acopt.compile(w.train_step, model, opt, *batch, budget=floor)
+    assert step.plan.recompute and step.report().peak_after_bytes <= floor
+    measured = acopt.profile(step.traced, *batch, warmup=0, iterations=1)
+    assert _storage_peak(measured) == _storage_peak_sim(step.profile, acopt.simulate(step.profile, step.plan))
+    for i in range(2):
+        b = w.make_batch(10 * rank + i)
+        torch.manual_seed(i)
+        loss = step(*b)
+        torch.manual_seed(i)
+        assert torch.equal(loss, w.train_step(ref, ref_opt, *b)) and _full_equal(model, ref_model)
+
+
+@pytest.mark.slow
+def test_sharded_transformer_blocks_equal_eager_ddp_at_the_floor():
+    ranks.run(_transformer_blocks_body, timeout_s=300)
