@@ -53,6 +53,16 @@ def unwrap(model: torch.nn.Module) -> tuple[torch.nn.Module, Callable[[], contex
     return model.module, lambda: _traced_ddp(model)
 
 
+#: DDP attributes the traced step assumed (``no_sync()`` clears the first): guarded at every call.
+GUARDED = ("require_backward_grad_sync", "require_forward_param_sync", "broadcast_buffers", "bucket_bytes_cap")
+
+
+def guarded_settings(ddp) -> list[tuple[str, Any, tuple[str, ...], tuple]]:
+    """Guard entries (:class:`acopt.guards.Guards` settings) for the DDP object's flags."""
+    keys = tuple(k for k in GUARDED if k in vars(ddp))
+    return [("DistributedDataParallel", ddp, keys, tuple(vars(ddp)[k] for k in keys))]
+
+
 def _check_options(ddp: torch.nn.parallel.DistributedDataParallel) -> None:
     if getattr(ddp, "_comm_hooks", None) or getattr(ddp, "_comm_hook", None):
         raise UnsupportedStep(

@@ -352,7 +352,7 @@ def trace(
     """
     start = time.perf_counter()
     model = _unwrap_compiled(model)
-    model, train_step, distributed = _distributed_tracing(model, train_step)
+    model, train_step, distributed, wrapper_settings = _distributed_tracing(model, train_step)
     optimizer_set = OptimizerSet.of(optimizer)
     optimizers = optimizer_set.live()
     for opt in optimizers:
@@ -417,6 +417,7 @@ def trace(
                 *((f"constant {n}", t) for n, t in first.constants),
             ],
         )
+        guards.settings.extend(wrapper_settings)  # e.g. DDP's no_sync() flag: checked at every call
     except BaseException:
         for opt, added in added_state:
             for p in added:
@@ -523,15 +524,16 @@ def _distributed_tracing(model, train_step):
     (:mod:`acopt.data_parallel`; ``train_step`` still receives the DDP object), and
     in-place ``torch.distributed`` collectives become functional ones
     (:class:`acopt.collectives.remap_collectives`). Returns ``(model, train_step,
-    context to trace in)``."""
+    context to trace in, guarded settings of the wrapper)``."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
-        return model, train_step, contextlib.nullcontext
+        return model, train_step, contextlib.nullcontext, []
     from acopt import collectives, data_parallel, sharding
 
     inner, ddp_context = data_parallel.unwrap(model)
     step = train_step
+    settings = data_parallel.guarded_settings(model) if inner is not model else []
     if inner is not model:
         ddp = model
 
@@ -543,7 +545,7 @@ def _distributed_tracing(model, train_step):
         with ddp_context(), collectives.remap_collectives(), sharding.refuse_whole_model_norms(inner):
             yield
 
-    return inner, step, context
+    return inner, step, context, settings
 
 
 def _unwrap_compiled(model: torch.nn.Module) -> torch.nn.Module:

@@ -111,6 +111,12 @@ def _ddp_body(rank: int, world: int, hand_reduced: bool) -> None:
     measured = acopt.profile(step.traced, *batch, warmup=0, iterations=1)
     assert _storage_peak(measured) == _storage_peak_sim(step.profile, acopt.simulate(step.profile, step.plan))
     _same_training(step, model, lambda *b: _step(ref, ref_opt, *b), ref_model, rank)
+    if not hand_reduced:  # no_sync() is guarded: eager would skip the all-reduce, the graph would not
+        before = [p.detach().clone() for p in model.parameters()]
+        with wrapped.no_sync(), pytest.warns(UserWarning, match="require_backward_grad_sync"):
+            with pytest.raises(acopt.UnsupportedStep, match="no_sync"):
+                step(*batch)
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
 def test_ddp_step_equals_eager_ddp_with_a_plan():

@@ -140,7 +140,7 @@ def test_wait_is_an_alias_and_holds_the_collectives_inputs(group, fake):
     def step(model, optimizer, x, y):
         optimizer.zero_grad()
         h = model(x)
-        gathered = funcol.all_gather_tensor(h * 2, 0, group)  # the backend reads h * 2 until the wait
+        gathered = funcol.all_gather_single(h * 2, 0, group)  # the backend reads h * 2 until the wait
         reduced = funcol.all_reduce(h * 3, "sum", group)
         loss = F.cross_entropy(gathered + reduced, y)
         loss.backward()
