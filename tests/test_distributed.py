@@ -113,9 +113,12 @@ def _ddp_body(rank: int, world: int, hand_reduced: bool) -> None:
     _same_training(step, model, lambda *b: _step(ref, ref_opt, *b), ref_model, rank)
     if not hand_reduced:  # no_sync() is guarded: eager would skip the all-reduce, the graph would not
         before = [p.detach().clone() for p in model.parameters()]
-        with wrapped.no_sync(), pytest.warns(UserWarning, match="require_backward_grad_sync"):
-            with pytest.raises(acopt.UnsupportedStep, match="no_sync"):
-                step(*batch)
+        with (
+            wrapped.no_sync(),
+            pytest.warns(UserWarning, match="require_backward_grad_sync"),
+            pytest.raises(acopt.UnsupportedStep, match="no_sync"),
+        ):
+            step(*batch)
         assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
