@@ -49,6 +49,13 @@ def unwrap(model: torch.nn.Module) -> tuple[torch.nn.Module, Callable[[], contex
     """``(inner module, tracing context)`` for a DDP model; ``(model, nullcontext)`` otherwise."""
     if not _is_ddp(model):
         return model, contextlib.nullcontext
+    from acopt.sharding import is_sharded
+
+    if is_sharded(model.module):
+        raise UnsupportedStep(
+            "the model is sharded by acopt.shard and wrapped in DDP: its gradients would be reduced twice; "
+            "pass the sharded model without DDP"
+        )
     _check_options(model)
     return model.module, lambda: _traced_ddp(model)
 

@@ -31,6 +31,10 @@ traces"):
   ``GradScaler`` is traced as graph ops (the skipped step is a select).
 * A step starts from no gradients (``train_step`` must call ``zero_grad``);
   gradient accumulation across calls is refused, not silently changed.
+* Distributed: a ``DistributedDataParallel`` model is traced with DDP's
+  bucketed gradient all-reduce in the graph (:mod:`acopt.data_parallel`),
+  ``dist.*`` collectives as functional ones, and each wait as an alias that
+  holds the collective's inputs (:mod:`acopt.collectives`).
 """
 
 from __future__ import annotations
