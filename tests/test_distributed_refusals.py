@@ -164,3 +164,20 @@ def test_wait_is_an_alias_and_holds_the_collectives_inputs(group, fake):
     ref = _net()
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
     assert torch.equal(traced(*_batch()), step(ref, ref_opt, *_batch()))
+
+
+def test_sharded_model_in_ddp_is_refused_and_alone_trains_as_eager(group):
+    model, ref = _net(), _net()
+    acopt.shard(model)  # one rank: every shard is the whole unit
+    assert [n for n, _ in model.named_parameters()] == ["0._acopt_shard", "2._acopt_shard"]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    with pytest.raises(acopt.UnsupportedStep, match="reduced twice"):
+        acopt.trace(_step, ddp, opt, *_batch())
+    assert len(opt.state) == 0
+    traced = acopt.trace(_step, model, opt, *_batch())
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    for i in range(2):
+        assert torch.equal(traced(*tiny.batch(i)), _step(ref, ref_opt, *tiny.batch(i)))
+    full = acopt.sharding.full_state_dict(model)
+    assert all(torch.equal(full[k], v) for k, v in ref.state_dict().items())
