@@ -128,8 +128,10 @@ class CompiledStep:
         if ranks:
             rank_plan.check_same_graph(traced)
         prof = profile(traced, *batch, warmup=self._warmup, iterations=self._iterations)
-        planner = rank_plan.plan_on_rank0 if ranks else (lambda f, *a, **k: f(*a, **k))
-        chosen = planner(plan, prof, budget=self.budget, solver=self.solver, **self.options)
+        if ranks:  # rank 0 plans, every rank gets its plan (or its error)
+            chosen = rank_plan.plan_on_rank0(plan, prof, budget=self.budget, solver=self.solver, **self.options)
+        else:
+            chosen = plan(prof, budget=self.budget, solver=self.solver, **self.options)
         step = rewrite(traced, chosen, profile=prof)
         if ranks:
             rank_plan.check_same_rewrite(step)
