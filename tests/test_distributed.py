@@ -145,7 +145,8 @@ def _buffers_body(rank: int, world: int) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 64), nn.BatchNorm1d(64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 4))
     ref_model = copy.deepcopy(model)
-    ddp, ref = DDP(model), DDP(ref_model)
+    # small buckets: several all-reduces, each issued when its gradients are ready
+    ddp, ref = DDP(model, bucket_cap_mb=0.005), DDP(ref_model, bucket_cap_mb=0.005)
     if rank == 1:  # buffers that differ across ranks: DDP broadcasts rank 0's before every forward
         with torch.no_grad():
             model[1].running_mean.add_(1.0)
@@ -156,6 +157,11 @@ def _buffers_body(rank: int, world: int) -> None:
     budget = _budget_between(acopt.trace(_step, ddp, opt, *batch), batch)
     step = acopt.compile(_step, ddp, opt, *batch, budget=budget)
     assert step.plan.recompute
+    nodes = list(step.traced.graph.nodes)
+    issues = [i for i, n in enumerate(nodes) if "all_reduce_" in str(n.target)]
+    waits = [i for i, n in enumerate(nodes) if getattr(n.target, "__name__", "") == "wait_tensor" and i > issues[0]]
+    last_mm = max(i for i, n in enumerate(nodes) if n.target is torch.ops.aten.mm.default)
+    assert len(issues) >= 2 and issues[0] < last_mm < min(waits)  # the rest of the backward overlaps bucket 1
     for i in range(3):
         b = _batch(rank, i)
         assert torch.equal(step(*b), _step(ref, ref_opt, *b))
