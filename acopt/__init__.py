@@ -33,6 +33,7 @@ _EXPORTS = {
     "Role": "acopt.records",
     "InvalidPlan": "acopt.schedule",
     "ArtifactMismatch": "acopt.fingerprint",
+    "RankMismatch": "acopt.rank_plan",
     "simulate": "acopt.simulator",
     "Simulation": "acopt.simulator",
     "Plan": "acopt.planning",
@@ -53,6 +54,7 @@ _EXPORTS = {
     "compile": "acopt.compiler",
     "wrap": "acopt.module_mode",
     "WrappedModule": "acopt.module_mode",
+    "shard": "acopt.sharding",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -73,14 +75,31 @@ def __dir__():
 
 if TYPE_CHECKING:  # pragma: no cover
     from acopt.compiler import compile
-    from acopt.module_mode import WrappedModule, wrap
-    from acopt.planning import InfeasibleBudget, Plan, PlanStatus, floor, plan, planners, register_planner
-    from acopt.profiler import profile
-    from acopt.records import ActivationRecord, NodeRecord, Profile, Region, Role, StorageRecord
-    from acopt.rewriter import rewrite
-    from acopt.fingerprint import ArtifactMismatch
-    from acopt.schedule import InvalidPlan
-    from acopt.simulator import Simulation, simulate
     from acopt.errors import GuardFailure, UnsupportedStep
+    from acopt.fingerprint import ArtifactMismatch
+    from acopt.module_mode import WrappedModule, wrap
+    from acopt.planning import (
+        InfeasibleBudget,
+        Plan,
+        PlanStatus,
+        floor,
+        plan,
+        planners,
+        register_planner,
+    )
+    from acopt.profiler import profile
+    from acopt.rank_plan import RankMismatch
+    from acopt.records import (
+        ActivationRecord,
+        NodeRecord,
+        Profile,
+        Region,
+        Role,
+        StorageRecord,
+    )
+    from acopt.rewriter import rewrite
+    from acopt.schedule import InvalidPlan
+    from acopt.sharding import shard
+    from acopt.simulator import Simulation, simulate
     from acopt.tracer import TracedStep, trace
     from acopt.units import parse_bytes

@@ -21,6 +21,7 @@ gives the numbers for tensorboard or wandb.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 import warnings
@@ -31,9 +32,10 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+from acopt import rank_plan
 from acopt.errors import GuardFailure
 from acopt.plan_cache import obtain_plan
-from acopt.planning import Plan, floor
+from acopt.planning import Plan, floor, plan
 from acopt.records import Profile
 from acopt.rewriter import rewrite
 from acopt.simulator import simulate
@@ -145,11 +147,18 @@ class CompiledStep:
     def _compile(self, batch) -> _Compiled:
         start = time.perf_counter()
         traced = trace(self._train_step, self.model, self.optimizer, *batch)
+        ranks = rank_plan.active(traced)  # one plan for all ranks (docs/usage.md, "Distributed")
+        if ranks:
+            rank_plan.check_same_graph(traced)
         prof, chosen, _ = obtain_plan(
             traced, batch, budget=self.budget, solver=self.solver, options=self.options, plan=self._plan_arg,
-            cache_dir=self._cache_dir, warmup=self._warmup, iterations=self._iterations, strict=not self._compiled,
+            cache_dir=None if ranks else self._cache_dir,  # a cache hit on one rank only would leave the others waiting
+            warmup=self._warmup, iterations=self._iterations, strict=not self._compiled,
+            planner=functools.partial(rank_plan.plan_on_rank0, plan) if ranks else plan,
         )  # fmt: skip
         step = rewrite(traced, chosen, profile=prof)
+        if ranks:  # a plan given per rank must be the same everywhere
+            rank_plan.check_same_rewrite(step)
         sim = simulate(prof, chosen.recompute)
         report = Report(
             batch_shapes=tuple(tuple(b.shape) for b in pytree.tree_leaves(batch) if isinstance(b, torch.Tensor)),

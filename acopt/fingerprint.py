@@ -48,8 +48,9 @@ class NodeFacts:
 
 def node_facts(node: fx.Node) -> NodeFacts:
     """The profiler's per-node facts that need no run: from the node and its schema."""
+    from acopt.collectives import is_collective, is_replayable_gather
     from acopt.profiler import BATCH_NORM_OPS, DROP_RUNNING_STATS, _target_name, is_random, mutated_args
-    from acopt.tracer import REGION_KEY, is_collective
+    from acopt.tracer import REGION_KEY
 
     op = _target_name(node)
     mutated = tuple(dict.fromkeys(mutated_args(node)))
@@ -61,8 +62,11 @@ def node_facts(node: fx.Node) -> NodeFacts:
         random=is_random(node),
         mutated=mutated,
         replay=replay,
-        # memory model rule 8: a collective is never replayed (every rank issues the same ones)
-        recomputable=node.op == "call_function" and (not mutated or bool(replay)) and not is_collective(node),
+        # memory model rule 8: a collective is never replayed (every rank issues the same ones),
+        # except the planned re-gather of sharded weights
+        recomputable=node.op == "call_function"
+        and (not mutated or bool(replay))
+        and (not is_collective(node) or is_replayable_gather(node)),
     )
 
 

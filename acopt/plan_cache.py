@@ -24,6 +24,7 @@ import hashlib
 import os
 import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -91,12 +92,15 @@ def obtain_plan(
     warmup: int = 1,
     iterations: int = 3,
     strict: bool = True,
+    planner: Callable[..., Plan] = make_plan,
 ) -> tuple[Profile, Plan, str]:
     """(profile, plan, source) for ``traced``: from ``plan``, from the cache, or
     profiled and planned now (and then cached). ``source`` says which.
     ``strict=False`` (a later shape or guard variant of a step whose first
     graph took ``plan``): a ``plan`` of another graph is passed over, with a
-    warning, and the step is planned for ``budget`` (refused without one)."""
+    warning, and the step is planned for ``budget`` (refused without one).
+    ``planner`` makes a new plan (``acopt.plan``; one rank's, broadcast, under
+    torch.distributed)."""
     fingerprint = graph_fingerprint(traced.graph_module)
     directory = cache_directory(cache_dir)
     if plan is not None and not strict and budget is not None:
@@ -131,7 +135,7 @@ def obtain_plan(
             if chosen.graph_fingerprint == fingerprint and chosen.profile_id == _profile_id(prof):
                 return prof, chosen, "cache"
     prof = make_profile(traced, *batch, warmup=warmup, iterations=iterations)
-    chosen = make_plan(prof, budget=budget, solver=solver, **options)
+    chosen = planner(prof, budget=budget, solver=solver, **options)
     if directory is not None:
         directory.mkdir(parents=True, exist_ok=True)
         _write(directory / f"{fingerprint}.profile.json", prof.to_json)

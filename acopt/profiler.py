@@ -29,6 +29,7 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_flatten
 
+from acopt.collectives import max_over_ranks, uses_collectives
 from acopt.records import (
     OUTPUT,
     PLACEHOLDER,
@@ -473,6 +474,9 @@ def _build_profile(traced, interp, runs, temps, *, fake, device, model_name, ite
         ]
     else:
         times = [statistics.median(r.times[i] for r in runs) for i in range(len(nodes))]
+    if uses_collectives(interp.gm.graph):  # rule 8: every rank plans with the same, slowest times
+        times = max_over_ranks(times)
+        temps = max_over_ranks(temps, integer=True)
     storage_of_node = {n.name: last.node_storages[i] for i, n in enumerate(nodes)}
     forward_mutated: set[str] = set()
     records = []

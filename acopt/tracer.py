@@ -31,6 +31,10 @@ traces"):
   ``GradScaler`` is traced as graph ops (the skipped step is a select).
 * A step starts from no gradients (``train_step`` must call ``zero_grad``);
   gradient accumulation across calls is refused, not silently changed.
+* Distributed: a ``DistributedDataParallel`` model is traced with DDP's
+  bucketed gradient all-reduce in the graph (:mod:`acopt.data_parallel`),
+  ``dist.*`` collectives as functional ones, and each wait as an alias that
+  holds the collective's inputs (:mod:`acopt.collectives`).
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils import _pytree as pytree
 
 from acopt import module_names
+from acopt.collectives import hold_until_wait, is_collective
 from acopt.errors import GuardFailure, UnsupportedStep
 from acopt.guards import Guards, tensor_meta
 from acopt.hyperparams import Book, InputKey, literal_values
@@ -401,6 +406,7 @@ def trace(
     """
     start = time.perf_counter()
     model = _unwrap_compiled(model)
+    model, train_step, distributed, wrapper_settings = _distributed_tracing(model, train_step)
     optimizer_set = OptimizerSet.of(optimizer)
     optimizers = optimizer_set.live()
     for opt in optimizers:
@@ -431,16 +437,17 @@ def trace(
             added_state.append((opt, _init_optimizer_state(opt)))
             _check_state(opt, params)
         host_rng = _HostRng.capture()
-        first = _trace(train_step, model, optimizer, optimizers, layout, batch_tensors, params, buffers, trace_id=0)
-        # Eager creates state only for parameters that get a gradient: take back
-        # what was made for the others (unused branches) and trace again.
-        with_grad = {id(params[i][1]) for i in first.grad_params}
-        unused = [(opt, p) for opt, added in added_state for p in added if id(p) not in with_grad]
-        if unused:
-            for opt, p in unused:
-                opt.state.pop(p, None)
+        with distributed():
             first = _trace(train_step, model, optimizer, optimizers, layout, batch_tensors, params, buffers, trace_id=0)
-        second = _trace(train_step, model, optimizer, optimizers, layout, batch_tensors, params, buffers, trace_id=1)
+            # Eager creates state only for parameters that get a gradient: take back
+            # what was made for the others (unused branches) and trace again.
+            with_grad = {id(params[i][1]) for i in first.grad_params}
+            unused = [(opt, p) for opt, added in added_state for p in added if id(p) not in with_grad]
+            if unused:
+                for opt, p in unused:
+                    opt.state.pop(p, None)
+                first = _trace(train_step, model, optimizer, optimizers, layout, batch_tensors, params, buffers, trace_id=0)
+            second = _trace(train_step, model, optimizer, optimizers, layout, batch_tensors, params, buffers, trace_id=1)
         host_rng.check_unused()
         _same_literals(first, second)
         guards = Guards.record(
@@ -464,6 +471,7 @@ def trace(
                 *((f"constant {n}", t) for n, t in first.constants),
             ],
         )
+        guards.settings.extend(wrapper_settings)  # e.g. DDP's no_sync() flag: checked at every call
     except BaseException:
         for opt, added in added_state:
             for p in added:
@@ -565,6 +573,35 @@ def _same_numpy_state(a, b) -> bool:
     return a[0] == b[0] and numpy.array_equal(a[1], b[1]) and tuple(a[2:]) == tuple(b[2:])
 
 
+def _distributed_tracing(model, train_step):
+    """A DDP model is traced as its inner module with DDP's semantics in the graph
+    (:mod:`acopt.data_parallel`; ``train_step`` still receives the DDP object), and
+    in-place ``torch.distributed`` collectives become functional ones
+    (:class:`acopt.collectives.remap_collectives`). Returns ``(model, train_step,
+    context to trace in, guarded settings of the wrapper)``."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return model, train_step, contextlib.nullcontext, []
+    from acopt import collectives, data_parallel, sharding
+
+    inner, ddp_context = data_parallel.unwrap(model)
+    step = train_step
+    settings = data_parallel.guarded_settings(model) if inner is not model else []
+    if inner is not model:
+        ddp = model
+
+        def step(_inner, *args, **kwargs):
+            return train_step(ddp, *args, **kwargs)
+
+    @contextlib.contextmanager
+    def context():
+        with ddp_context(), collectives.remap_collectives(), sharding.refuse_whole_model_norms(inner):
+            yield
+
+    return inner, step, context, settings
+
+
 def _unwrap_compiled(model: torch.nn.Module) -> torch.nn.Module:
     """A ``torch.compile``d model is traced through its original module."""
     orig = getattr(model, "_orig_mod", None)
@@ -613,14 +650,21 @@ def _check_not_distributed(model: torch.nn.Module) -> None:
         if kind == "DistributedDataParallel":
             raise UnsupportedStep(
                 f"{where} is wrapped in DistributedDataParallel, whose gradient all-reduce runs in "
-                "autograd hooks that a traced step does not call: pass the unwrapped module and "
-                "all-reduce the gradients in train_step with torch.distributed._functional_collectives"
+                "autograd hooks that a traced step does not call: wrap the whole model in DDP (acopt "
+                "traces a top-level DDP's all-reduce), or all-reduce the gradients in train_step"
             )
         if kind in ("FullyShardedDataParallel",) or kind.startswith("FSDP"):
-            raise UnsupportedStep(f"{where} is sharded with FSDP ({kind}), which acopt does not trace yet")
+            raise UnsupportedStep(
+                f"{where} is sharded with FSDP ({kind}), which acopt does not trace: shard the plain model "
+                "with acopt.shard(model) instead (parameters, gradients and optimizer state sharded inside "
+                "acopt's graph; docs/usage.md, 'Distributed')"
+            )
     for name, p in model.named_parameters():
         if type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor":
-            raise UnsupportedStep(f"parameter {name!r} is a DTensor (FSDP2/tensor parallel), which acopt does not trace yet")
+            raise UnsupportedStep(
+                f"parameter {name!r} is a DTensor (FSDP2 fully_shard / tensor parallel), which acopt does not "
+                "trace: shard the plain model with acopt.shard(model) instead (docs/usage.md, 'Distributed')"
+            )
 
 
 def _init_optimizer_state(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -933,15 +977,6 @@ def is_random(node: fx.Node) -> bool:
     return isinstance(t, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in t.tags
 
 
-_COLLECTIVE_NAMESPACES = frozenset({"c10d", "_c10d_functional", "c10d_functional", "_dtensor", "_c10d_functional_autograd"})
-
-
-def is_collective(node: fx.Node) -> bool:
-    """A torch.distributed collective (memory model rule 8: never dropped, never replayed)."""
-    t = node.target
-    return isinstance(t, torch._ops.OpOverload) and t.namespace in _COLLECTIVE_NAMESPACES
-
-
 @dataclasses.dataclass(slots=True)
 class _Traced:
     gm: fx.GraphModule
@@ -1161,6 +1196,7 @@ def _trace(train_step, model, optimizer_arg, optimizers, layout, batch, params, 
     _tag_regions(gm, counters.backward_marks)
     _refuse_unfaithful_nodes(gm)
     _drop_noise(gm)
+    hold_until_wait(gm)
     _functional_bernoulli(gm)
     _outplace_forward_mutations(gm)
     constants = _lift_constants(gm)
