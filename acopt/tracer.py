@@ -18,9 +18,9 @@ traces"):
 
 * Optimizer state is created before tracing by the optimizer's own first
   step on a copy (:func:`_init_optimizer_state`), so the graph is the
-  steady-state step. Optimizers with a ``capturable`` option are traced in
-  that form (the step count is a tensor): bitwise equal to eager
-  ``capturable=True``, to eager's default form at float rounding.
+  steady-state step. Optimizers run their eager form, step-count reads
+  included (:mod:`acopt.optimizer_form`); the capturable form only where the
+  eager form cannot be traced faithfully (RAdam, ASGD, Rprop).
 * Hyperparameters (``lr``, ``betas``, ...) are live inputs
   (:mod:`acopt.hyperparams`): the step is traced twice with different
   sentinel values, and a step whose graphs hold different literals is refused.
