@@ -138,12 +138,21 @@ def _parts(x: Any) -> tuple[float, Any, Expr] | None:
     return None
 
 
+def _is_symbolic(x: Any) -> bool:
+    import torch
+
+    return isinstance(x, (torch.SymFloat, torch.SymInt))
+
+
 def _arith(name: str, swap: bool = False):
     fn = OPS[name]
 
     def method(self: Hyper, other: Any = None):
         if name in ("neg", "pos", "abs"):
             return Hyper(fn(float(self)), fn(self.actual), (name, self.expr), self.book)
+        if _is_symbolic(other):  # a traced host number (the step count's .item()): the graph
+            # computes this with the sentinel as a literal, which Book.lift makes live
+            return fn(other, float(self)) if swap else fn(float(self), other)
         o = _parts(other)
         if o is None:
             return NotImplemented

@@ -416,8 +416,11 @@ def profile(
     try:
         if fake:
             from torch._subclasses.fake_tensor import FakeTensorMode
+            from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-            mode = FakeTensorMode(allow_non_fake_inputs=False)
+            # a shape environment for host reads (Adam's step.item(), acopt/optimizer_form.py):
+            # they become unbacked symbols; shapes stay static, so byte counts stay exact
+            mode = FakeTensorMode(allow_non_fake_inputs=False, shape_env=ShapeEnv(), static_shapes=True)
             detached = [t.detach() if isinstance(t, torch.Tensor) else t for t in inputs]  # no autograd on fakes
             bar = progress_bar(len(interp.nodes), "profiling on fake tensors", progress)
             with mode, torch.enable_grad():

@@ -18,9 +18,9 @@ traces"):
 
 * Optimizer state is created before tracing by the optimizer's own first
   step on a copy (:func:`_init_optimizer_state`), so the graph is the
-  steady-state step. Optimizers with a ``capturable`` option are traced in
-  that form (the step count is a tensor): bitwise equal to eager
-  ``capturable=True``, to eager's default form at float rounding.
+  steady-state step. Optimizers run their eager form, step-count reads
+  included (:mod:`acopt.optimizer_form`); the capturable form only where the
+  eager form cannot be traced faithfully (RAdam, ASGD, Rprop).
 * Hyperparameters (``lr``, ``betas``, ...) are live inputs
   (:mod:`acopt.hyperparams`): the step is traced twice with different
   sentinel values, and a step whose graphs hold different literals is refused.
@@ -51,7 +51,11 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing, get_proxy_mode, make_fx
+from torch.fx.experimental.proxy_tensor import (
+    disable_proxy_modes_tracing,
+    get_proxy_mode,
+    make_fx,
+)
 from torch.nn.utils import stateless
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils import _pytree as pytree
@@ -61,6 +65,7 @@ from acopt.collectives import hold_until_wait, is_collective
 from acopt.errors import GuardFailure, UnsupportedStep
 from acopt.guards import Guards, tensor_meta
 from acopt.hyperparams import Book, InputKey, literal_values
+from acopt.optimizer_form import NeedsCapturable, eager_form, has_capturable_form
 from acopt.records import Region, Role
 
 __all__ = ["GuardFailure", "TracedStep", "UnsupportedStep", "trace"]
@@ -432,24 +437,22 @@ def trace(
     buffers = list(model.named_buffers())
 
     added_state = []
+    args = (train_step, model, optimizer, optimizers, layout, batch_tensors, params, buffers)
     try:
         for opt in optimizers:
             added_state.append((opt, _init_optimizer_state(opt)))
             _check_state(opt, params)
         host_rng = _HostRng.capture()
-        with distributed():
-            first = _trace(train_step, model, optimizer, optimizers, layout, batch_tensors, params, buffers, trace_id=0)
-            # Eager creates state only for parameters that get a gradient: take back
-            # what was made for the others (unused branches) and trace again.
-            with_grad = {id(params[i][1]) for i in first.grad_params}
-            unused = [(opt, p) for opt, added in added_state for p in added if id(p) not in with_grad]
-            if unused:
-                for opt, p in unused:
-                    opt.state.pop(p, None)
-                first = _trace(train_step, model, optimizer, optimizers, layout, batch_tensors, params, buffers, trace_id=0)
-            second = _trace(train_step, model, optimizer, optimizers, layout, batch_tensors, params, buffers, trace_id=1)
-        host_rng.check_unused()
-        _same_literals(first, second)
+        capturable: set[int] = set()  # optimizers traced in their capturable form (acopt.optimizer_form)
+        while True:
+            try:
+                with distributed():
+                    first = _trace_twice(args, added_state, capturable, host_rng)
+                break
+            except NeedsCapturable as e:
+                if e.indices <= capturable:  # pragma: no cover - the capturable form raised it
+                    raise
+                capturable |= e.indices
         guards = Guards.record(
             model,
             optimizers,
@@ -503,12 +506,39 @@ def trace(
             "stage": "trace",
             "torch": torch.__version__,
             "optimizer": ", ".join(type(o).__name__ for o in optimizers),
+            "capturable_form": [type(optimizers[i]).__name__ for i in sorted(capturable)],
             "nodes": len(gm.graph.nodes),
             "trace_time_s": time.perf_counter() - start,
         },
     )
     _name_placeholders(gm, step.input_specs)
     return step
+
+
+def _trace_twice(args: tuple, added_state: list, capturable: set[int], host_rng: _HostRng) -> _Traced:
+    """The step traced with two hyperparameter sentinels, literals compared
+    (:func:`_same_literals`); returns the first. Optimizers with a capturable form run eager's own
+    form unless in ``capturable``; a literal that differs there asks for that form."""
+    params, optimizers = args[6], args[3]
+    first = _trace(*args, trace_id=0, capturable=capturable)
+    # Eager creates state only for parameters that get a gradient: take back
+    # what was made for the others (unused branches) and trace again.
+    with_grad = {id(params[i][1]) for i in first.grad_params}
+    unused = [(opt, p) for opt, added in added_state for p in added if id(p) not in with_grad]
+    if unused:
+        for opt, p in unused:
+            opt.state.pop(p, None)
+        first = _trace(*args, trace_id=0, capturable=capturable)
+    second = _trace(*args, trace_id=1, capturable=capturable)
+    host_rng.check_unused()
+    try:
+        _same_literals(first, second)
+    except UnsupportedStep as e:  # e.g. Rprop's eager form writes etaplus with index_put_: a tensor constant
+        eager = {i for i, opt in enumerate(optimizers) if has_capturable_form(opt)} - capturable
+        if eager:
+            raise NeedsCapturable(eager, e) from e
+        raise
+    return first
 
 
 def _same_literals(a: _Traced, b: _Traced) -> None:
@@ -1027,7 +1057,9 @@ def _check_attributes(model: torch.nn.Module, before: dict) -> None:
         )
 
 
-def _trace(train_step, model, optimizer_arg, optimizers, layout, batch, params, buffers, *, trace_id: int) -> _Traced:
+def _trace(
+    train_step, model, optimizer_arg, optimizers, layout, batch, params, buffers, *, trace_id: int, capturable: set[int]
+) -> _Traced:
     counters = _Counters()
     state_slots: list[_StateSlot] = []
     for i, (_, p) in enumerate(params):
@@ -1057,6 +1089,9 @@ def _trace(train_step, model, optimizer_arg, optimizers, layout, batch, params, 
 
     def make_step(opt):
         real_step = opt.step
+        index = optimizers.index(opt)
+        # eager's own form (acopt.optimizer_form), unless it branched on its step count
+        eager = has_capturable_form(opt) and index not in capturable
 
         def step(*args, **kwargs):
             if id(opt) in stepped:
@@ -1064,7 +1099,8 @@ def _trace(train_step, model, optimizer_arg, optimizers, layout, batch, params, 
             stepped.add(id(opt))
             counters.steps += 1
             counters.step_mark = _graph_len()
-            return real_step(*args, **kwargs)
+            with eager_form(index) if eager else contextlib.nullcontext():
+                return real_step(*args, **kwargs)
 
         return step
 
@@ -1105,12 +1141,12 @@ def _trace(train_step, model, optimizer_arg, optimizers, layout, batch, params, 
         for slot, t in zip(state_slots, f_states):
             fake_states[slot.optimizer][f_params[slot.param_index]][slot.key] = t
         saved = [(list(opt.param_groups), opt.state) for opt in optimizers]
-        for opt, fake_state, groups_index in zip(optimizers, fake_states, group_param_index):
+        for o, (opt, fake_state, groups_index) in enumerate(zip(optimizers, fake_states, group_param_index)):
             opt.state = defaultdict(dict, fake_state)
             for g, idx in enumerate(groups_index):
                 group = dict(opt.param_groups[g])
                 group["params"] = [f_params[i] for i in idx]
-                if "capturable" in group:
+                if "capturable" in group and o in capturable:
                     group["capturable"] = True
                 opt.param_groups[g] = group
         book.install([opt.param_groups for opt in optimizers])

@@ -93,7 +93,8 @@ def op_counts(traced) -> dict[str, int]:
     )
 
 
-# the per-parameter scalar ops of AdamW's capturable form (the bias corrections as tensors)
+# the per-parameter scalar ops of Adam's capturable form (the bias corrections as tensors);
+# acopt traces eager's own form where it can (acopt/optimizer_form.py), then there are none
 CAPTURABLE = ("pow", "rsub", "reciprocal", "neg", "sqrt")
 
 
@@ -151,6 +152,7 @@ def bench(name: str, *, batch_size: int | None, warmup: int, iterations: int) ->
     peak_t = measure_peak(step, device="cpu", alive=alive)
     row = dict(
         model=name, batch=w.batch[0].shape[0], optimizer=type(w.optimizer).__name__,
+        capturable_form=bool(traced.provenance.get("capturable_form")),
         eager_ms=median(e) * 1e3, traced_ms=median(t) * 1e3,
         eager_peak=peak_e.peak_bytes, traced_peak=peak_t.peak_bytes,
         eager_attn=sorted(eager_attn), traced_attn=sorted(attention_kernels_traced(traced)),
@@ -175,8 +177,8 @@ def why(r: dict) -> str:
     if not r["same_kernels"]:
         out.append("attention kernels differ")
     if not r["time_met"]:
-        if r["capturable_ops"]:
-            out.append(f"AdamW traced in its capturable form: +{r['capturable_ops']} per-parameter "
+        if r.get("capturable_form") and r["capturable_ops"]:
+            out.append(f"{r['optimizer']} traced in its capturable form: +{r['capturable_ops']} per-parameter "
                        "pow/rsub/reciprocal/neg/sqrt ops (eager: Python-float bias corrections)")
         out.append(f"{r['traced_ops'] - r['eager_ops']:+d} aten ops dispatched, "
                    f"{r['per_node_us']:+.1f} us per graph node")
@@ -191,7 +193,7 @@ def table(rows: list[dict]) -> str:
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         lines.append(
-            f"| {r['model']} | {r['batch']} | {r['optimizer']} | {r['eager_ms']:.1f} | {r['traced_ms']:.1f} "
+            f"| {r['model']} | {r['batch']} | {r['optimizer']}{' (capturable)' if r.get('capturable_form') else ''} | {r['eager_ms']:.1f} | {r['traced_ms']:.1f} "
             f"| {r['ratio']:.3f} | {'met' if r['time_met'] else 'missed'} | {mib(r['eager_peak'])} "
             f"| {mib(r['traced_peak'])} | {'met' if r['peak_met'] else 'missed'} "
             f"| {short(set(r['eager_attn']))} | {short(set(r['traced_attn']))} | {r['eager_ops']}/{r['traced_ops']} | {r['nodes']} | {r['flash']} "

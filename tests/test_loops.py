@@ -1,8 +1,8 @@
 """Training loops written the way users write them, against EAGER PyTorch.
 
-Every case either matches the same eager loop (SGD bitwise; Adam/AdamW
-bitwise against eager ``capturable=True``, which is what acopt traces, see
-tests/test_tracer.py) over several steps, or raises a clear acopt error
+Every case either matches the same eager loop (bitwise: Adam/AdamW are
+traced in eager's own default form, acopt/optimizer_form.py) over several
+steps, or raises a clear acopt error
 (:class:`acopt.UnsupportedStep` / :class:`acopt.GuardFailure`) with the model
 and optimizer untouched. Tiny models (Linear 8->16->4, batch 6) and one
 intra-op thread keep the file fast.
@@ -18,7 +18,6 @@ import warnings
 
 import pytest
 import torch
-import torch.compiler
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.optim.lr_scheduler as lrs
@@ -65,22 +64,9 @@ def _build(mode, fn, model, optimizer, *batch):
     return acopt.compile(fn, model, optimizer, *batch, budget=BUDGET)
 
 
-def _capturable(optimizer):
-    """The eager reference for Adam/AdamW runs the capturable form acopt traces."""
-    if "capturable" in optimizer.defaults:
-        for g in optimizer.param_groups:
-            g["capturable"] = True
-    return optimizer
-
-
 def _eager(fn, model, optimizer, *batch):
-    capturable = any(g.get("capturable") for g in optimizer.param_groups)
-    old = torch.compiler._is_compiling_flag
-    torch.compiler._is_compiling_flag = capturable  # allows capturable=True on CPU
-    try:
-        return fn(model, optimizer, *batch)
-    finally:
-        torch.compiler._is_compiling_flag = old
+    """The eager reference: the optimizer in its own default form, which acopt traces."""
+    return fn(model, optimizer, *batch)
 
 
 def _numbers(group):
@@ -265,7 +251,7 @@ SCHEDULES = {
 def _schedule_loop(name, mode, *, scheduler_after_build=False):
     make_opt, make_sched, advance = SCHEDULES[name]
     m1, m2 = _mlp(), _mlp()
-    o1, o2 = make_opt(m1), _capturable(make_opt(m2))
+    o1, o2 = make_opt(m1), make_opt(m2)
     if not scheduler_after_build:
         s1, s2 = (make_sched(o1), make_sched(o2)) if make_sched else (o1, o2)
     step = _build(mode, train_step, m1, o1, *_batch(0))
@@ -334,7 +320,7 @@ def _stepping_inside(sched_of):
 def test_scheduler_stepped_inside_train_step_matches_eager(name, mode):
     make_opt, make_sched, _ = SCHEDULES[name]
     m1, m2 = _mlp(), _mlp()
-    o1, o2 = make_opt(m1), _capturable(make_opt(m2))
+    o1, o2 = make_opt(m1), make_opt(m2)
     sched_of = {o1: make_sched(o1), o2: make_sched(o2)}
     fn = _stepping_inside(sched_of)
     step = _build(mode, fn, m1, o1, *_batch(0))
@@ -743,7 +729,7 @@ def test_step_variants_match_eager(name, opt, mode):
     fn = STEPS[name]
     make = _sgd if opt == "sgd" else (lambda m: _adamw(m, weight_decay=0.01))
     m1, m2 = _mlp(), _mlp()
-    o1, o2 = make(m1), _capturable(make(m2))
+    o1, o2 = make(m1), make(m2)
     step = _build(mode, fn, m1, o1, *_batch(0))
     _in_lockstep(step, m1, o1, m2, o2, fn, steps=4)
 

@@ -18,20 +18,20 @@ O = torch.optim
 
 
 # name -> (class, kwargs, bitwise): bitwise where the traced form is eager's own;
-# Adam-family optimizers are traced in their capturable form (a tensor step count),
-# equal to eager's default form at float rounding.
+# RAdam and ASGD, whose eager form branches on the step count, are traced in their
+# capturable form (acopt/optimizer_form.py), equal to eager's at float rounding.
 CASES = {
     "RMSprop": (O.RMSprop, dict(lr=0.01), True),
     "RMSprop-centered-momentum": (O.RMSprop, dict(lr=0.01, centered=True, momentum=0.9), True),
     "Adagrad": (O.Adagrad, dict(lr=0.1), True),
     "Adadelta": (O.Adadelta, dict(lr=1.0, weight_decay=0.01), True),
     "Rprop": (O.Rprop, dict(lr=0.01), True),
-    "Adamax": (O.Adamax, dict(lr=0.01), False),
-    "NAdam": (O.NAdam, dict(lr=0.01), False),
-    "NAdam-decoupled": (O.NAdam, dict(lr=0.01, decoupled_weight_decay=True, weight_decay=0.1), False),
+    "Adamax": (O.Adamax, dict(lr=0.01), True),
+    "NAdam": (O.NAdam, dict(lr=0.01), True),
+    "NAdam-decoupled": (O.NAdam, dict(lr=0.01, decoupled_weight_decay=True, weight_decay=0.1), True),
     "RAdam": (O.RAdam, dict(lr=0.01), False),
     "ASGD": (O.ASGD, dict(lr=0.01), False),
-    "Adam-amsgrad": (O.Adam, dict(lr=0.01, amsgrad=True), False),
+    "Adam-amsgrad": (O.Adam, dict(lr=0.01, amsgrad=True), True),
 }
 
 

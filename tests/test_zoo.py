@@ -3,10 +3,10 @@
 For every entry, either ``acopt.trace`` refuses the step with a clear
 ``acopt.UnsupportedStep`` (leaving model and optimizer as they were), or:
 
-(a) the traced step equals eager to rounding over two steps (eager Adam/AdamW
-    run in their capturable form, as acopt traces them; same seed before
-    each step): losses, parameters, buffers, gradients, optimizer state, and
-    the generator is left where eager leaves it;
+(a) the traced step equals eager to rounding over two steps (Adam/AdamW in
+    their default form, which acopt traces; same seed before each step):
+    losses, parameters, buffers, gradients, optimizer state, and the
+    generator is left where eager leaves it;
 (b) a greedy plan halfway between the floor and the peak, rewritten, gives
     bitwise the same step as the traced one (loss, parameters, buffers,
     gradients, optimizer state, generator); so does recomputing every
@@ -40,8 +40,7 @@ pytest.importorskip("transformers")
 
 ENTRIES = [pytest.param(n, id=n, marks=() if n in zoo.FAST else pytest.mark.slow) for n in zoo.ZOO]
 
-# (a) tolerances: eager (capturable Adam) and the traced step run the same
-# kernels, and every entry is bitwise equal today (the junit property zoo_a
+# (a) tolerances: eager and the traced step run the same kernels, and every entry is bitwise equal today (the junit property zoo_a
 # says so per entry), but fx may compose an op differently: two steps of rounding.
 LOSS_TOL = dict(rtol=1e-5, atol=1e-6)
 STATE_TOL = dict(rtol=1e-4, atol=1e-5)
@@ -63,21 +62,8 @@ def _seed(s: int) -> None:
 
 
 def _eager_step(case, model, optimizer):
-    """Eager reference: Adam/AdamW in the capturable form acopt traces (tests/test_tracer.py)."""
-    capturable = "capturable" in optimizer.defaults
-    old = torch.compiler._is_compiling_flag
-    torch.compiler._is_compiling_flag = capturable  # allows capturable=True on CPU
-    try:
-        return case.train_step(model, optimizer, *case.batch)
-    finally:
-        torch.compiler._is_compiling_flag = old
-
-
-def _capturable(optimizer):
-    if "capturable" in optimizer.defaults:
-        for g in optimizer.param_groups:
-            g["capturable"] = True
-    return optimizer
+    """Eager reference: Adam/AdamW in their default form, which acopt traces (acopt/optimizer_form.py)."""
+    return case.train_step(model, optimizer, *case.batch)
 
 
 def _snapshot(model, optimizer):
@@ -195,7 +181,7 @@ def test_zoo(name, record_property):
 def _check_entry(name, record_property):
     case = zoo.ZOO[name]()
     eager_model, model = copy.deepcopy(case.model), copy.deepcopy(case.model)
-    eager_opt, opt = _capturable(case.make_optimizer(eager_model)), case.make_optimizer(model)
+    eager_opt, opt = case.make_optimizer(eager_model), case.make_optimizer(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
 
     _seed(0)  # model code may draw while tracing (numpy included): the same draws every run
