@@ -50,6 +50,8 @@ class Report:
     solver: str
     status: str
     compile_time_s: float
+    backend: str = "eager"
+    measured_peak_bytes: int | None = None  # backend="inductor": the compiled step's measured peak
 
     @property
     def overhead(self) -> float:
@@ -63,6 +65,12 @@ class Report:
             f"activations, predicted overhead {self.overhead:.1%} "
             f"({self.recompute_time_s * 1e3:.2f} ms of {self.step_time_s * 1e3:.2f} ms), "
             f"solver {self.solver} ({self.status}), compiled in {self.compile_time_s:.1f} s"
+            + (
+                f"; backend {self.backend}: measured peak {format_bytes(self.measured_peak_bytes)} "
+                f"(simulated, eager model: {format_bytes(self.peak_after_bytes)})"
+                if self.measured_peak_bytes is not None
+                else ""
+            )
         )
 
 
@@ -82,7 +90,7 @@ class CompiledStep:
     """A training step that runs within a memory budget; call it like ``train_step``
     without the model and optimizer: ``loss = step(*batch)``."""
 
-    def __init__(self, train_step, model, optimizer, *, budget, solver: str, options: dict[str, Any], warmup: int, iterations: int):
+    def __init__(self, train_step, model, optimizer, *, budget, solver: str, options: dict[str, Any], warmup: int, iterations: int, backend: str = "eager"):
         self._train_step = train_step
         self.model = model
         self._optimizers = OptimizerSet.of(optimizer)  # weak: a re-created optimizer is noticed
@@ -90,6 +98,9 @@ class CompiledStep:
         self.solver = solver
         self.options = options
         self._warmup = warmup
+        if backend not in ("eager", "inductor"):
+            raise ValueError(f"backend must be 'eager' or 'inductor', not {backend!r}")
+        self.backend = backend
         self._iterations = iterations
         self._compiled: dict[tuple, list[_Compiled]] = {}
         self._last: _Compiled | None = None
@@ -124,8 +135,15 @@ class CompiledStep:
         start = time.perf_counter()
         traced = trace(self._train_step, self.model, self.optimizer, *batch)
         prof = profile(traced, *batch, warmup=self._warmup, iterations=self._iterations)
-        chosen = plan(prof, budget=self.budget, solver=self.solver, **self.options)
-        step = rewrite(traced, chosen, profile=prof)
+        measured = None
+        if self.backend == "inductor":  # plan, compile, verify by measuring (acopt.inductor)
+            from acopt.inductor import fit_compiled
+
+            fitted = fit_compiled(traced, prof, batch, budget=self.budget, solver=self.solver, options=self.options)
+            chosen, step, measured = fitted.plan, fitted.step, fitted.measured_peak_bytes
+        else:
+            chosen = plan(prof, budget=self.budget, solver=self.solver, **self.options)
+            step = rewrite(traced, chosen, profile=prof)
         sim = simulate(prof, chosen)
         report = Report(
             batch_shapes=tuple(tuple(b.shape) for b in pytree.tree_leaves(batch) if isinstance(b, torch.Tensor)),
@@ -139,6 +157,8 @@ class CompiledStep:
             solver=chosen.solver,
             status=chosen.status.value,
             compile_time_s=time.perf_counter() - start,
+            backend=self.backend,
+            measured_peak_bytes=measured,
         )
         compiled = _Compiled(traced, prof, chosen, step, report)
         entries = self._compiled.setdefault(_signature(batch), [])
@@ -192,14 +212,19 @@ def compile(
     solver: str = "greedy",
     warmup: int = 1,
     iterations: int = 3,
+    backend: str = "eager",
     **options: Any,
 ) -> CompiledStep:
     """Trace, profile, plan and rewrite ``train_step`` for ``batch``'s shape.
 
     ``options`` go to the planner (e.g. ``time_limit_s=30`` for ``ilp``).
+    ``backend="inductor"`` runs the planned step with inductor's kernels
+    (:mod:`acopt.inductor`): planned with the eager memory model, compiled,
+    its peak measured, and planned again with a margin if it does not fit.
     Raises :class:`acopt.InfeasibleBudget` if the budget is below the floor.
     """
     step = CompiledStep(
-        train_step, model, optimizer, budget=budget, solver=solver, options=options, warmup=warmup, iterations=iterations
+        train_step, model, optimizer, budget=budget, solver=solver, options=options, warmup=warmup,
+        iterations=iterations, backend=backend,
     )
     return step.compile_for(*batch)
