@@ -263,6 +263,10 @@ def cmd_run(args) -> int:
     from acopt.profiler import allocator_peak_bytes
     from acopt.units import format_bytes
 
+    if args.backend == "inductor":
+        from acopt.inductor_cli import run_inductor
+
+        return run_inductor(args, console, _build, _options)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -403,6 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--steps", type=_positive_int, default=3, help="steps compared bitwise")
     sp.add_argument("--timing-steps", type=_positive_int, default=10, help="steps timed, alternating plain and rewritten")
     sp.add_argument("--iterations", type=_positive_int, default=3)
+    sp.add_argument("--backend", choices=["eager", "inductor"], default="eager",
+                    help="inductor: run the planned step with compiled kernels, checked against eager PyTorch")  # fmt: skip
     plan_args(sp)
     sp.set_defaults(fn=cmd_run)
 

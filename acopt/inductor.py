@@ -76,14 +76,14 @@ def _scalar_values(gm: fx.GraphModule) -> set[str]:
     arithmetic over them: the values that must never reach a compiled graph."""
     out: set[str] = set()
     for n in gm.graph.nodes:
-        if n.op == "placeholder" and not isinstance(n.meta.get("val"), torch.Tensor):
-            out.add(n.name)
-        elif (
+        hyper = n.op == "placeholder" and not isinstance(n.meta.get("val"), torch.Tensor)
+        arithmetic = (
             n.op == "call_function"
             and not isinstance(n.target, torch._ops.OpOverload)
             and n.target is not operator.getitem
             and any(a.name in out for a in n.all_input_nodes)
-        ):
+        )
+        if hyper or arithmetic:
             out.add(n.name)
     return out
 
@@ -211,13 +211,21 @@ def _detached(v: Any) -> Any:
     return v.detach() if isinstance(v, torch.Tensor) and v.requires_grad else v
 
 
-def _inductor_segment(gm: fx.GraphModule, example: list) -> Callable[[list], Any]:
+#: Inductor settings for every segment. ``reorder_for_locality`` moves a node next to
+#: its first consumer's neighbours: it hoisted recompute blocks (MLP: the
+#: replayed matmul ran before the backward matmul that precedes it in the plan,
+#: so four activation-sized buffers were alive where the plan has three).
+CONFIG_PATCHES: dict[str, Any] = {"reorder_for_locality": False, "reorder_for_peak_memory": False}
+
+
+def _inductor_segment(gm: fx.GraphModule, example: list, config_patches: dict | None = None) -> Callable[[list], Any]:
     """``compile_fx`` of one segment, called boxed (the list is emptied)."""
+    config_patches = {**CONFIG_PATCHES, **(config_patches or {})}
     from torch._dynamo.utils import GmWrapper
     from torch._inductor.compile_fx import compile_fx
 
     with torch.no_grad():
-        compiled = compile_fx(GmWrapper(gm, lambda flat: flat), list(example))
+        compiled = compile_fx(GmWrapper(gm, lambda flat: flat), list(example), config_patches=config_patches)
 
     def run(args: list) -> Any:
         with torch.no_grad():
