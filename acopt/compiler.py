@@ -135,12 +135,13 @@ class CompiledStep:
         start = time.perf_counter()
         traced = trace(self._train_step, self.model, self.optimizer, *batch)
         prof = profile(traced, *batch, warmup=self._warmup, iterations=self._iterations)
-        measured = None
+        measured = budget_bytes = None
         if self.backend == "inductor":  # plan, compile, verify by measuring (acopt.inductor)
             from acopt.inductor import fit_compiled
 
             fitted = fit_compiled(traced, prof, batch, budget=self.budget, solver=self.solver, options=self.options)
             chosen, step, measured = fitted.plan, fitted.step, fitted.measured_peak_bytes
+            budget_bytes = fitted.budget_bytes  # the plan's own is the budget it was planned for
         else:
             chosen = plan(prof, budget=self.budget, solver=self.solver, **self.options)
             step = rewrite(traced, chosen, profile=prof)
@@ -149,7 +150,7 @@ class CompiledStep:
             batch_shapes=tuple(tuple(b.shape) for b in pytree.tree_leaves(batch) if isinstance(b, torch.Tensor)),
             peak_before_bytes=prof.peak_bytes,
             peak_after_bytes=sim.peak_bytes,
-            budget_bytes=chosen.budget_bytes,
+            budget_bytes=budget_bytes or chosen.budget_bytes,
             step_time_s=prof.total_time_s,
             recompute_time_s=sim.recompute_time_s,
             recomputed=len(chosen.recompute),

@@ -297,47 +297,74 @@ class Fitted:
     """A compiled plan checked against its budget by measurement."""
 
     step: InductorStep
-    plan: Any  # acopt.planning.Plan
+    plan: Any  # acopt.planning.Plan (its budget_bytes is the planning budget)
+    budget_bytes: int  # the budget asked for
     simulated_peak_bytes: int  # the eager memory model's peak of the plan
     measured_peak_bytes: int  # the compiled step's measured peak
-    planning_budget_bytes: int  # the budget the last plan was made for (budget minus margin)
-    attempts: int
+    planning_budget_bytes: int  # the budget the plan was made for
+    attempts: int  # plans compiled and measured
 
 
 def fit_compiled(
     traced: TracedStep, prof: Any, batch: tuple, *, budget: int | str, solver: str, options: dict, attempts: int = 4
 ) -> Fitted:
-    """Plan with the eager memory model, compile, measure; while the measured peak
-    exceeds the budget, plan again for the budget minus the excess (a margin).
+    """The compiled plan with the fewest recomputations whose MEASURED peak is within
+    ``budget`` (docs/memory-model.md, "Compiled steps"), among at most ``attempts``.
 
-    Raises :class:`acopt.InfeasibleBudget` when a re-plan falls below the floor,
-    and ``RuntimeError`` when ``attempts`` plans did not fit (neither happens when
-    the eager model bounds the compiled step from above: docs/memory-model.md).
+    Plan with the eager memory model for the budget (for the floor, if the budget
+    is below the eager floor: fusion may still fit it), compile, measure. Over the
+    budget: plan again for the budget minus the excess (a margin), down to the
+    floor. Within it by a slack of more than 1%: plan again for that much more
+    (fewer recomputations) while the result still fits. Raises
+    :class:`acopt.InfeasibleBudget` when even the floor's plan measures over.
     """
-    from acopt.planning import InfeasibleBudget, plan
+    from acopt.planning import InfeasibleBudget, floor, plan, resolve_budget
     from acopt.rewriter import rewrite
     from acopt.simulator import simulate
 
-    chosen = plan(prof, budget=budget, solver=solver, **options)
-    target = chosen.budget_bytes
-    planning = target
-    for attempt in range(1, attempts + 1):
-        step = compile_inductor(rewrite(traced, chosen, profile=prof))
-        measured = measure_graph_peak(step, *batch)
-        simulated = simulate(prof, chosen).peak_bytes
-        if measured <= target:
-            return Fitted(step, chosen, simulated, measured, planning, attempt)
-        planning -= max(measured - target, target // 100)
-        try:
-            chosen = plan(prof, budget=planning, solver=solver, **options)
-        except InfeasibleBudget as e:
-            raise InfeasibleBudget(
-                f"the compiled step measured {measured} bytes over its budget of {target} bytes "
-                f"(simulated {simulated}), and a plan with that margin is impossible: {e}",
-                floor_bytes=e.floor_bytes,
-                budget_bytes=target,
-            ) from e
-    raise RuntimeError(
-        f"backend='inductor': {attempts} plans did not fit the budget of {target} bytes when measured "
-        f"(last: {measured} bytes measured, {simulated} simulated); use backend='eager' or a larger budget"
-    )
+    target = resolve_budget(prof, budget)
+    lowest = floor(prof)
+    tried: dict[frozenset, Fitted] = {}
+
+    def attempt(planning: int) -> Fitted:
+        chosen = plan(prof, budget=max(planning, lowest), solver=solver, **options)
+        key = frozenset(chosen.recompute)
+        if key not in tried:
+            step = compile_inductor(rewrite(traced, chosen, profile=prof))
+            measured = measure_graph_peak(step, *batch)
+            sim = simulate(prof, chosen).peak_bytes
+            tried[key] = Fitted(step, chosen, target, sim, measured, chosen.budget_bytes, len(tried) + 1)
+        return tried[key]
+
+    planning = max(target, lowest)
+    first = attempt(planning)
+    best = first if first.measured_peak_bytes <= target else None
+    last = first
+    for _ in range(attempts - 1):
+        if best is None:  # over the budget: a margin, down to the floor
+            if last.planning_budget_bytes <= lowest:
+                break
+            excess = last.measured_peak_bytes - target
+            nxt = attempt(max(lowest, last.planning_budget_bytes - max(excess, target // 100)))
+            if nxt is last:
+                break
+            last = nxt
+            if nxt.measured_peak_bytes <= target:
+                best = nxt
+                break  # the first plan that fits, coming from above
+        else:  # within the budget: spend the slack on fewer recomputations
+            slack = target - last.measured_peak_bytes
+            if slack <= target // 100 or not last.plan.recompute:
+                break
+            nxt = attempt(last.planning_budget_bytes + slack)
+            if nxt is last or nxt.measured_peak_bytes > target:
+                break
+            best = last = nxt
+    if best is None:
+        raise InfeasibleBudget(
+            f"backend='inductor': the compiled step does not fit {target} bytes: its plan for the floor "
+            f"({lowest} bytes, eager memory model) measured {last.measured_peak_bytes} bytes compiled",
+            floor_bytes=lowest,
+            budget_bytes=target,
+        )
+    return dataclasses.replace(best, attempts=len(tried))
