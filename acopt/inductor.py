@@ -29,9 +29,12 @@ the first call with that call's tensors (one compilation per traced variant:
 a new shape or a failed guard traces, plans and compiles again). A compiled
 segment takes its inputs boxed (a list it empties), so a kept activation is
 freed inside the backward graph after its last use, as in the eager step.
+Inductor's reordering passes are off (:data:`CONFIG_PATCHES`): they hoisted
+recompute blocks.
 
-Under fusion the eager memory model is an upper bound, not an equality
-(docs/memory-model.md, "Compiled steps"): measure the compiled step.
+Under fusion the eager memory model is an upper bound to check, not an
+equality (docs/memory-model.md, "Compiled steps"): :func:`fit_compiled` plans
+with it, compiles, measures (:func:`measure_graph_peak`) and re-plans.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from acopt.errors import UnsupportedStep
 from acopt.records import Region
 from acopt.tracer import REGION_KEY, TracedStep, is_random
 
-__all__ = ["InductorStep", "compile_inductor", "segments_of"]
+__all__ = ["Fitted", "InductorStep", "compile_inductor", "fit_compiled", "measure_graph_peak", "segments_of"]
 
 
 @dataclasses.dataclass(slots=True)
