@@ -204,3 +204,14 @@ def test_compiled_steps_are_compiled_per_variant():
         _assert_close(m1, m2)
     assert len(step._compiled) == 1 and len(next(iter(step._compiled.values()))) == 2
     assert compile_inductor is not None
+
+
+@pytest.mark.slow
+def test_cli_run_backend_inductor(capsys):
+    """`acopt run --backend inductor` checks against eager PyTorch and the budget, and prints both peaks."""
+    from acopt.cli import main
+
+    assert main(["run", "mlp", "--batch-size", "2048", "--budget", "80%", "--backend", "inductor",
+                 "--steps", "2", "--timing-steps", "2"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "peak, simulated (eager memory model)" in out and "peak, measured" in out
