@@ -309,7 +309,7 @@ class Fitted:
 
 
 def fit_compiled(
-    traced: TracedStep, prof: Any, batch: tuple, *, budget: int | str, solver: str, options: dict, attempts: int = 4
+    traced: TracedStep, prof: Any, batch: tuple, *, budget: int | str, solver: str, options: dict, attempts: int = 6
 ) -> Fitted:
     """The compiled plan with the fewest recomputations whose MEASURED peak is within
     ``budget`` (docs/memory-model.md, "Compiled steps"), among at most ``attempts``.
@@ -318,15 +318,24 @@ def fit_compiled(
     is below the eager floor: fusion may still fit it), compile, measure. Over the
     budget: plan again for the budget minus the excess (a margin), down to the
     floor. Within it by a slack of more than 1%: plan again for that much more
-    (fewer recomputations) while the result still fits. Raises
-    :class:`acopt.InfeasibleBudget` when even the floor's plan measures over.
+    (fewer recomputations) while the result still fits. If even the floor's plan
+    measures over (compiled, more recomputation is not always less memory),
+    try plans for budgets spread above the floor, fewest recomputations first.
+    Raises :class:`acopt.InfeasibleBudget` when no plan tried fits.
     """
-    from acopt.planning import InfeasibleBudget, floor, plan, resolve_budget
+    from acopt.planning import (
+        InfeasibleBudget,
+        floor,
+        no_recompute_peak,
+        plan,
+        resolve_budget,
+    )
     from acopt.rewriter import rewrite
     from acopt.simulator import simulate
 
     target = resolve_budget(prof, budget)
     lowest = floor(prof)
+    peak = no_recompute_peak(prof)
     tried: dict[frozenset, Fitted] = {}
 
     def attempt(planning: int) -> Fitted:
@@ -343,7 +352,7 @@ def fit_compiled(
     first = attempt(planning)
     best = first if first.measured_peak_bytes <= target else None
     last = first
-    for _ in range(attempts - 1):
+    while len(tried) < attempts:
         if best is None:  # over the budget: a margin, down to the floor
             if last.planning_budget_bytes <= lowest:
                 break
@@ -363,10 +372,20 @@ def fit_compiled(
             if nxt is last or nxt.measured_peak_bytes > target:
                 break
             best = last = nxt
+    if best is None:  # not monotone: probe above the floor, fewest recomputations first
+        for fraction in (0.75, 0.5, 0.25):
+            if len(tried) >= attempts:
+                break
+            probe = attempt(lowest + int(fraction * (peak - lowest)))
+            if probe.measured_peak_bytes <= target:
+                best = probe
+                break
     if best is None:
+        least = min(tried.values(), key=lambda f: f.measured_peak_bytes)
         raise InfeasibleBudget(
-            f"backend='inductor': the compiled step does not fit {target} bytes: its plan for the floor "
-            f"({lowest} bytes, eager memory model) measured {last.measured_peak_bytes} bytes compiled",
+            f"backend='inductor': the compiled step does not fit {target} bytes: the least measured peak of "
+            f"{len(tried)} plans tried is {least.measured_peak_bytes} bytes (planned for "
+            f"{least.planning_budget_bytes} bytes; eager floor {lowest} bytes)",
             floor_bytes=lowest,
             budget_bytes=target,
         )
