@@ -28,13 +28,14 @@ def run_inductor(args, console, build, options) -> int:
 
     t0 = time.perf_counter()
     w = build(args)
-    snapshot = (copy.deepcopy(w.model.state_dict()), copy.deepcopy(w.optimizer.state_dict()))
     with console.status("tracing and profiling"):
         traced = acopt.trace(w.train_step, w.model, w.optimizer, *w.batch)
         prof = acopt.profile(traced, *w.batch, warmup=1, iterations=args.iterations, model_name=args.model)
     with console.status(f"planning with {args.solver}, compiling with inductor, measuring"):
         fitted = fit_compiled(traced, prof, tuple(w.batch), budget=args.budget, solver=args.solver, options=options(args.option))
     compiled = fitted.step
+    # after tracing, which creates the optimizer state the traced step reads (as `acopt run` does)
+    snapshot = (copy.deepcopy(w.model.state_dict()), copy.deepcopy(w.optimizer.state_dict()))
 
     def restore():
         w.model.load_state_dict(snapshot[0])

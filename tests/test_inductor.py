@@ -214,4 +214,4 @@ def test_cli_run_backend_inductor(capsys):
     assert main(["run", "mlp", "--batch-size", "2048", "--budget", "80%", "--backend", "inductor",
                  "--steps", "2", "--timing-steps", "2"]) == 0  # fmt: skip
     out = capsys.readouterr().out
-    assert "peak, simulated (eager memory model)" in out and "peak, measured" in out
+    assert "simulated" in out and "measured" in out and "yes" in out
