@@ -21,6 +21,11 @@ Methods (each prepares a step callable ``step(*batch) -> loss`` for a
     ckpt-every2    ... around every other block
     torch-budget   torch.compile(train_step) with
                    torch._functorch.config.activation_memory_budget = the budget's fraction
+    acopt-inductor acopt's greedy plan run by inductor (acopt.compile(..., backend="inductor"):
+                   planned with the eager memory model, compiled, measured, re-planned
+                   with a margin if over the budget; acopt.inductor), per budget
+    ckpt-every-compiled  torch.compile(train_step) of the ckpt-every step (inductor;
+                   the paired eager step runs checkpointed too)
 
 Budgets (for acopt-* and torch-budget), with P the no-recompute peak and F the
 floor (:func:`acopt.floor`) of acopt's profile of the step:
@@ -31,7 +36,9 @@ floor (:func:`acopt.floor`) of acopt's profile of the step:
     "0.7"      0.70 * P, as torch's activation_memory_budget writes it
     "64MiB"    bytes
     "match:M"  (added automatically, acopt-greedy only) the measured peak of method
-               row M at the same batch size: acopt at equal peak
+               row M at the same batch size: acopt at equal peak; acopt-inductor
+               likewise at the peaks of the compiled baselines (torch-budget,
+               ckpt-every-compiled)
 
 torch-budget gets, for a budget of B bytes, activation_memory_budget =
 clip((B - F) / (P - F), 0, 1): 0.5 for "act50%". Its own meaning of the
@@ -97,9 +104,14 @@ __all__ = [
     "SUITES",
 ]
 
-BUDGETED = ("acopt-greedy", "acopt-ilp", "acopt-cpsat", "torch-budget")
-ALL_METHODS = ("none", "traced", "acopt-greedy", "acopt-ilp", "acopt-cpsat", "ckpt-every", "ckpt-every2", "torch-budget")
+BUDGETED = ("acopt-greedy", "acopt-ilp", "acopt-cpsat", "torch-budget", "acopt-inductor")
+ALL_METHODS = (
+    "none", "traced", "acopt-greedy", "acopt-ilp", "acopt-cpsat", "ckpt-every", "ckpt-every2", "torch-budget",
+    "acopt-inductor", "ckpt-every-compiled",
+)  # fmt: skip
 MATCHED = ("ckpt-every", "ckpt-every2", "torch-budget")  # acopt-greedy is run again at their measured peaks
+MATCHED_COMPILED = ("torch-budget", "ckpt-every-compiled")  # acopt-inductor is run again at their measured peaks
+COMPILED_LAST = ("torch-budget", "ckpt-every-compiled")  # torch.compile methods (dynamo caches reset after each)
 
 COLUMNS = [
     "device", "device_name", "torch_version", "acopt_commit", "model", "model_args", "batch_size",
@@ -217,7 +229,9 @@ def available_methods() -> dict[str, str]:
     known, broken = planners(), planner_errors()
     out = {}
     for m in ALL_METHODS:
-        if m.startswith("acopt-"):
+        if m == "acopt-inductor":
+            out[m] = ""
+        elif m.startswith("acopt-"):
             solver = m.removeprefix("acopt-")
             out[m] = "" if solver in known else f"planner {solver!r} is not registered" + (
                 f" ({broken[solver]})" if solver in broken else ""
@@ -439,6 +453,57 @@ def prepare_torch_budget(ctx: Context, budget_bytes: int | None, *, fraction: fl
     )
 
 
+def prepare_acopt_inductor(ctx: Context, budget_bytes: int | None) -> Prepared:
+    """acopt's greedy plan run by inductor (:func:`acopt.inductor.fit_compiled`), on the
+    context's trace and profile. Compares with eager ``none`` at float rounding."""
+    import acopt
+    from acopt.inductor import fit_compiled
+
+    w = ctx.workload
+    try:
+        fitted = fit_compiled(
+            ctx.traced, ctx.profile, tuple(w.batch), budget=budget_bytes if budget_bytes is not None else "100%",
+            solver="greedy", options=_planner_options("greedy", ctx.config),
+        )  # fmt: skip
+    except acopt.InfeasibleBudget as e:
+        raise Infeasible(str(e)) from e
+    k = _rng_saves(fitted.step)
+    return Prepared(
+        fitted.step,
+        info={
+            "sim_peak_bytes": fitted.simulated_peak_bytes,
+            "recomputed": len(fitted.plan.recompute),
+            "activations": len(ctx.profile.activations),
+            "plan_status": fitted.plan.status.value,
+            "rng_states": k,
+            "rng_state_bytes": k * ctx.profile.rng_state_bytes,
+            "torch_backend": "inductor",
+            "notes": f"plans made {fitted.attempts}; planned for {fitted.planning_budget_bytes} B; "
+            + ", ".join(f"{k} {v}" for k, v in fitted.step.runner.summary().items()),
+        },
+        reference="none",
+    )
+
+
+def prepare_ckpt_compiled(ctx: Context, budget_bytes: int | None) -> Prepared:
+    """torch.compile (``--torch-backend``) of the ckpt-every step: the partitioner
+    recomputes the checkpointed blocks (and decides the rest itself)."""
+    import torch._dynamo
+
+    w = ctx.workload
+    torch._dynamo.reset()
+    restore = apply_torch_checkpoint(w, every=1)
+    compiled = torch.compile(w.train_step, backend=ctx.config.torch_backend)
+
+    def cleanup() -> None:
+        restore()
+        torch._dynamo.reset()
+
+    return Prepared(
+        lambda *b: compiled(w.model, w.optimizer, *b), cleanup, info={"torch_backend": ctx.config.torch_backend}
+    )
+
+
 METHODS: dict[str, Callable[[Context, int | None], Prepared]] = {
     "none": prepare_none,
     "traced": prepare_traced,
@@ -448,6 +513,8 @@ METHODS: dict[str, Callable[[Context, int | None], Prepared]] = {
     "ckpt-every": _prepare_ckpt(1),
     "ckpt-every2": _prepare_ckpt(2),
     "torch-budget": prepare_torch_budget,
+    "acopt-inductor": prepare_acopt_inductor,
+    "ckpt-every-compiled": prepare_ckpt_compiled,
 }
 
 
@@ -519,7 +586,7 @@ def measure_row(
         threads=torch.get_num_threads(),
         load_avg_1m=os.getloadavg()[0],
     )
-    if method == "torch-budget":
+    if method in COMPILED_LAST:
         row["torch_backend"] = cfg.torch_backend
     ctx.restore()
     gc.collect()
@@ -633,8 +700,8 @@ def sweep_model(config: Config, run: ModelRun, env: dict) -> list[dict]:
         # references first, torch.compile last (its caches are reset after it)
         wants_traced = "traced" in methods or any(m.startswith("acopt-") for m in methods)
         order = ["none"] + (["traced"] if wants_traced else [])  # the references: always measured
-        order += [m for m in methods if m not in order and m != "torch-budget"]
-        order += [m for m in methods if m == "torch-budget"]
+        order += [m for m in methods if m not in order and m not in COMPILED_LAST]
+        order += [m for m in methods if m in COMPILED_LAST]
         ctx_rows: list[dict] = []
         for method in order:
             if avail.get(method):
@@ -659,6 +726,13 @@ def sweep_model(config: Config, run: ModelRun, env: dict) -> list[dict]:
                 label = base["method"] + (f"@{base['budget']}" if base.get("budget") else "")
                 t = time.perf_counter()
                 row = measure_row(ctx, "acopt-greedy", f"match:{label}", int(base["peak_bytes"]), env)
+                ctx_rows.append(row)
+                config.log(_row_line(row, time.perf_counter() - t))
+        if config.match and "acopt-inductor" in methods:
+            for base in [r for r in ctx_rows if r["method"] in MATCHED_COMPILED and r["status"] == "ok"]:
+                label = base["method"] + (f"@{base['budget']}" if base.get("budget") else "")
+                t = time.perf_counter()
+                row = measure_row(ctx, "acopt-inductor", f"match:{label}", int(base["peak_bytes"]), env)
                 ctx_rows.append(row)
                 config.log(_row_line(row, time.perf_counter() - t))
         rows += ctx_rows
@@ -757,9 +831,12 @@ def _probe(
         ctx = make_context(config, run, batch_size, analyse=method.startswith("acopt-") or method == "traced")
         w = ctx.workload
         if method.startswith("acopt-"):
-            if ctx.floor_bytes > cap:
+            if ctx.floor_bytes > cap and method != "acopt-inductor":  # (compiled: fusion may fit below it)
                 return False, None, f"floor {ctx.floor_bytes} > cap"
-            prepared = acopt_step(ctx, method.removeprefix("acopt-"), cap)
+            if method == "acopt-inductor":
+                prepared = prepare_acopt_inductor(ctx, cap)
+            else:
+                prepared = acopt_step(ctx, method.removeprefix("acopt-"), cap)
         elif method == "torch-budget":
             prepared = prepare_torch_budget(ctx, None, fraction=0.5 if fraction is None else fraction)
         else:

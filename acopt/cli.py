@@ -332,6 +332,10 @@ def cmd_run(args) -> int:
     from acopt.progress import working
     from acopt.units import format_bytes
 
+    if args.backend == "inductor":
+        from acopt.inductor_cli import run_inductor
+
+        return run_inductor(args, console, _build, _options)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -484,6 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--iterations", type=_positive_int, default=3)
     sp.add_argument("--plan", metavar="FILE", default=None,
                     help="run a saved plan (*.plan.json) instead of solving; it must be this step's")  # fmt: skip
+    sp.add_argument("--backend", choices=["eager", "inductor"], default="eager",
+                    help="inductor: run the planned step with compiled kernels, checked against eager PyTorch")  # fmt: skip
     plan_args(sp)
     sp.set_defaults(fn=cmd_run)
 
@@ -514,6 +520,9 @@ def check_args(args) -> None:
 
     if isinstance(getattr(args, "plan", None), str) and not Path(args.plan).is_file():
         fail(f"argument --plan: no such file: {args.plan!r}")
+    if getattr(args, "plan", None) and getattr(args, "backend", "eager") == "inductor":
+        fail("argument --plan: a saved plan runs on the eager backend; --backend inductor chooses its plan by "
+             "measuring the compiled step")  # fmt: skip
     for path in [args.profile] if isinstance(getattr(args, "profile", None), str) else []:
         if not Path(path).is_file():
             fail(f"argument profile: {'not a file' if Path(path).exists() else 'no such file'}: {path!r}")

@@ -33,9 +33,10 @@ import torch
 from torch.utils import _pytree as pytree
 
 from acopt import rank_plan
-from acopt.errors import GuardFailure
+from acopt.errors import GuardFailure, UnsupportedStep
 from acopt.plan_cache import obtain_plan
 from acopt.planning import Plan, floor, plan
+from acopt.profiler import profile
 from acopt.records import Profile
 from acopt.rewriter import rewrite
 from acopt.simulator import simulate
@@ -60,6 +61,8 @@ class Report:
     solver: str
     status: str
     compile_time_s: float
+    backend: str = "eager"
+    measured_peak_bytes: int | None = None  # backend="inductor": the compiled step's measured peak
 
     @property
     def overhead(self) -> float:
@@ -82,6 +85,12 @@ class Report:
             f"activations, predicted overhead {self.overhead:.1%} "
             f"({self.recompute_time_s * 1e3:.2f} ms of {self.step_time_s * 1e3:.2f} ms), "
             f"solver {self.solver} ({self.status}), compiled in {self.compile_time_s:.1f} s"
+            + (
+                f"; backend {self.backend}: measured peak {format_bytes(self.measured_peak_bytes)} "
+                f"(simulated, eager model: {format_bytes(self.peak_after_bytes)})"
+                if self.measured_peak_bytes is not None
+                else ""
+            )
         )
 
 
@@ -102,7 +111,7 @@ class CompiledStep:
     without the model and optimizer: ``loss = step(*batch)``."""
 
     def __init__(self, train_step, model, optimizer, *, budget, solver: str, options: dict[str, Any], warmup: int, iterations: int,
-                 plan: Plan | str | Path | None = None, cache_dir: str | Path | None = None):  # fmt: skip
+                 plan: Plan | str | Path | None = None, cache_dir: str | Path | None = None, backend: str = "eager"):  # fmt: skip
         self._train_step = train_step
         self.model = model
         self._optimizers = OptimizerSet.of(optimizer)  # weak: a re-created optimizer is noticed
@@ -110,6 +119,9 @@ class CompiledStep:
         self.solver = solver
         self.options = options
         self._warmup = warmup
+        if backend not in ("eager", "inductor"):
+            raise ValueError(f"backend must be 'eager' or 'inductor', not {backend!r}")
+        self.backend = backend
         self._iterations = iterations
         self._plan_arg = plan  # reused instead of profiling and solving (acopt.plan_cache)
         self._cache_dir = cache_dir
@@ -150,22 +162,36 @@ class CompiledStep:
         ranks = rank_plan.active(traced)  # one plan for all ranks (docs/usage.md, "Distributed")
         if ranks:
             rank_plan.check_same_graph(traced)
-        prof, chosen, _ = obtain_plan(
-            traced, batch, budget=self.budget, solver=self.solver, options=self.options, plan=self._plan_arg,
-            cache_dir=None if ranks else self._cache_dir,  # a cache hit on one rank only would leave the others waiting
-            warmup=self._warmup, iterations=self._iterations, strict=not self._compiled,
-            planner=functools.partial(rank_plan.plan_on_rank0, plan) if ranks else plan,
-        )  # fmt: skip
-        step = rewrite(traced, chosen, profile=prof)
-        if ranks:  # a plan given per rank must be the same everywhere
-            rank_plan.check_same_rewrite(step)
+        measured = budget_bytes = None
+        if self.backend == "inductor":  # plan, compile, verify by measuring (acopt.inductor)
+            from acopt.inductor import fit_compiled
+
+            if ranks:
+                raise UnsupportedStep(
+                    "backend='inductor' under torch.distributed: each rank would choose its plan by its own "
+                    "measurements, and ranks must run one plan; use the eager backend"
+                )
+            prof = profile(traced, *batch, warmup=self._warmup, iterations=self._iterations)
+            fitted = fit_compiled(traced, prof, batch, budget=self.budget, solver=self.solver, options=self.options)
+            chosen, step, measured = fitted.plan, fitted.step, fitted.measured_peak_bytes
+            budget_bytes = fitted.budget_bytes  # the plan's own is the budget it was planned for
+        else:
+            prof, chosen, _ = obtain_plan(
+                traced, batch, budget=self.budget, solver=self.solver, options=self.options, plan=self._plan_arg,
+                cache_dir=None if ranks else self._cache_dir,  # a cache hit on one rank only would leave the others waiting
+                warmup=self._warmup, iterations=self._iterations, strict=not self._compiled,
+                planner=functools.partial(rank_plan.plan_on_rank0, plan) if ranks else plan,
+            )  # fmt: skip
+            step = rewrite(traced, chosen, profile=prof)
+            if ranks:  # a plan given per rank must be the same everywhere
+                rank_plan.check_same_rewrite(step)
         sim = simulate(prof, chosen.recompute)
         report = Report(
             batch_shapes=tuple(tuple(b.shape) for b in pytree.tree_leaves(batch) if isinstance(b, torch.Tensor)),
             peak_before_bytes=prof.peak_bytes,
             peak_after_bytes=sim.peak_bytes,
             floor_bytes=floor(prof),
-            budget_bytes=chosen.budget_bytes,
+            budget_bytes=budget_bytes or chosen.budget_bytes,
             step_time_s=prof.total_time_s,
             recompute_time_s=sim.recompute_time_s,
             recomputed=len(chosen.recompute),
@@ -173,6 +199,8 @@ class CompiledStep:
             solver=chosen.solver,
             status=chosen.status.value,
             compile_time_s=time.perf_counter() - start,
+            backend=self.backend,
+            measured_peak_bytes=measured,
         )
         logger.info("compiled for batch shapes %s: %s", list(report.batch_shapes), report)
         compiled = _Compiled(traced, prof, chosen, step, report)
@@ -229,11 +257,15 @@ def compile(
     iterations: int = 3,
     plan: Plan | str | Path | None = None,
     cache_dir: str | Path | None = None,
+    backend: str = "eager",
     **options: Any,
 ) -> CompiledStep:
     """Trace, profile, plan and rewrite ``train_step`` for ``batch``'s shape.
 
     ``options`` go to the planner (e.g. ``time_limit_s=30`` for ``ilp``).
+    ``backend="inductor"`` runs the planned step with inductor's kernels
+    (:mod:`acopt.inductor`): planned with the eager memory model, compiled,
+    its peak measured, and planned again with a margin if it does not fit.
     Raises :class:`acopt.InfeasibleBudget` if the budget is below the floor.
     ``plan`` (a Plan or its JSON file) is used instead of profiling and
     solving; it must be this step's (:class:`acopt.ArtifactMismatch`).
@@ -242,8 +274,13 @@ def compile(
     """
     if budget is None and plan is None:
         raise TypeError("acopt.compile needs a budget (or a plan to reuse)")
+    if backend == "inductor" and plan is not None:
+        raise ValueError(
+            "plan= is for the eager backend: backend='inductor' chooses its plan by measuring the compiled "
+            "step (acopt.inductor); drop plan= or use backend='eager'"
+        )
     step = CompiledStep(
         train_step, model, optimizer, budget=budget, solver=solver, options=options, warmup=warmup,
-        iterations=iterations, plan=plan, cache_dir=cache_dir,
+        iterations=iterations, plan=plan, cache_dir=cache_dir, backend=backend,
     )  # fmt: skip
     return step.compile_for(*batch)

@@ -364,7 +364,7 @@ class TracedStep:
         # Grad mode as traced where a kernel's outputs depend on it (the mkldnn RNN's
         # workspace; then no input requires grad, so autograd records nothing).
         with torch.enable_grad() if b.grad_mode else torch.no_grad():
-            out = self.graph_module(*inputs)
+            out = self._run_graph(inputs)
         result = pytree.tree_unflatten(list(out[: b.n_out]), b.out_spec)
         grads = out[b.n_out : b.n_out + len(b.grad_params)]
         new_buffers = out[b.n_out + len(b.grad_params) :]
@@ -378,6 +378,10 @@ class TracedStep:
         for scheduler, args, kwargs in b.after_step:  # host-side, as train_step called them
             scheduler.step(*args, **kwargs)
         return result
+
+    def _run_graph(self, inputs: list[Any]) -> Any:
+        """The graph's outputs for ``inputs`` (a compiled backend runs it otherwise)."""
+        return self.graph_module(*inputs)
 
     def print_readable(self) -> str:
         return self.graph_module.print_readable(print_output=False)

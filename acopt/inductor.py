@@ -1,0 +1,392 @@
+"""Run a planned (rewritten) step with inductor's compiled kernels.
+
+``acopt.compile(..., backend="inductor")`` compiles the rewritten step without
+undoing its plan. The graph is cut, in node order, into *segments*:
+
+* a new segment starts at every boundary between a forward region and a
+  backward region (the tracer's regions), so the forward's compiled graph
+  returns exactly what the backward reads (the plan's kept set, and nothing
+  of a recomputed activation: the rewriter guarantees that) and the recompute
+  blocks are compiled inside the backward graph, where no forward value
+  exists that common-subexpression elimination could merge them into, and
+  from where no scheduler can hoist them into the forward;
+* nodes that must draw from the eager generator run eagerly, one by one, as
+  their own segments: random ops (dropout), :func:`acopt.rng.save` and
+  :func:`acopt.rng.replay`. Their numbers are therefore eager PyTorch's own,
+  and a replay draws the forward's mask exactly (inductor's RNG never runs);
+* nodes that read a live hyperparameter (a Python float computed from
+  ``param_groups`` at each call) run eagerly too, so no hyperparameter is
+  baked into a kernel as a constant; an optimizer step that reads one runs
+  eagerly as a whole (most do: ``lr``), so only forward and backward are
+  compiled. (Inductor's own float inputs, ``specialize_float=False``, did not
+  survive AOTAutograd's ``tensorify_python_scalars`` pass on these graphs.)
+
+Each compiled segment goes through ``torch._inductor.compile_fx.compile_fx``
+with no input requiring grad: AOTAutograd's inference path (functionalization,
+input mutations written back) and inductor, with no joint graph, so no
+partitioner and no second recomputation decision. Segments are compiled at
+the first call with that call's tensors (one compilation per traced variant:
+a new shape or a failed guard traces, plans and compiles again). A compiled
+segment takes its inputs boxed (a list it empties), so a kept activation is
+freed inside the backward graph after its last use, as in the eager step.
+Inductor's reordering passes are off (:data:`CONFIG_PATCHES`): they hoisted
+recompute blocks.
+
+Under fusion the eager memory model is an upper bound to check, not an
+equality (docs/memory-model.md, "Compiled steps"): :func:`fit_compiled` plans
+with it, compiles, measures (:func:`measure_graph_peak`) and re-plans.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import fx
+
+from acopt import rng
+from acopt.errors import UnsupportedStep
+from acopt.records import Region
+from acopt.tracer import REGION_KEY, TracedStep, is_random
+
+__all__ = ["Fitted", "InductorStep", "compile_inductor", "fit_compiled", "measure_graph_peak", "segments_of"]
+
+
+@dataclasses.dataclass(slots=True)
+class Segment:
+    """Consecutive nodes run as one compiled graph (``compiled``) or one by one."""
+
+    compiled: bool
+    nodes: list[fx.Node]
+    inputs: list[str] = dataclasses.field(default_factory=list)  # values read from outside, in order
+    outputs: list[str] = dataclasses.field(default_factory=list)  # values read after this segment
+    frees: list[str] = dataclasses.field(default_factory=list)  # values dead after this segment
+    graph_module: fx.GraphModule | None = None
+    fn: Callable[[list], Any] | None = None
+
+
+def _is_eager(node: fx.Node, scalars: set[str]) -> bool:
+    if node.target in (rng.save, rng.replay) or is_random(node):
+        return True
+    return any(a.name in scalars for a in node.all_input_nodes)
+
+
+def _scalar_values(gm: fx.GraphModule) -> set[str]:
+    """Placeholders that are not tensors (live hyperparameters) and the Python
+    arithmetic over them: the values that must never reach a compiled graph."""
+    out: set[str] = set()
+    for n in gm.graph.nodes:
+        hyper = n.op == "placeholder" and not isinstance(n.meta.get("val"), torch.Tensor)
+        arithmetic = (
+            n.op == "call_function"
+            and not isinstance(n.target, torch._ops.OpOverload)
+            and n.target is not operator.getitem
+            and any(a.name in out for a in n.all_input_nodes)
+        )
+        if hyper or arithmetic:
+            out.add(n.name)
+    return out
+
+
+def segments_of(gm: fx.GraphModule) -> list[Segment]:
+    """Cut ``gm``'s nodes (placeholders and output aside) into segments, in order."""
+    scalars = _scalar_values(gm)
+    # An optimizer step that reads hyperparameters runs eagerly as a whole: compiling
+    # its tensor-only ops between the scalar ones would give many tiny graphs.
+    eager_optimizer = any(
+        _is_eager(n, scalars) for n in gm.graph.nodes if n.op == "call_function" and n.meta.get(REGION_KEY) == Region.OPTIMIZER
+    )
+    segments: list[Segment] = []
+    where: dict[str, int] = {}
+    phase = None
+    for n in gm.graph.nodes:
+        if n.op in ("placeholder", "output"):
+            continue
+        if n.name in scalars:  # Python arithmetic on hyperparameters: run by the eager interpreter
+            eager = True
+        elif n.target is operator.getitem and n.args[0].name in where:
+            eager = not segments[where[n.args[0].name]].compiled
+        else:
+            eager = _is_eager(n, scalars) or (eager_optimizer and n.meta.get(REGION_KEY) == Region.OPTIMIZER)
+        forward = n.meta.get(REGION_KEY) == Region.FORWARD
+        if eager or not segments or segments[-1].compiled is eager or phase != forward:
+            if n.target is operator.getitem and segments and where.get(n.args[0].name) == len(segments) - 1:
+                pass  # a getitem stays with the tuple it reads
+            else:
+                segments.append(Segment(compiled=not eager, nodes=[]))
+        phase = forward
+        segments[-1].nodes.append(n)
+        where[n.name] = len(segments) - 1
+    _wire(gm, segments, where)
+    return segments
+
+
+def _wire(gm: fx.GraphModule, segments: list[Segment], where: dict[str, int]) -> None:
+    """Each segment's inputs, outputs, and the values that die after it."""
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    last_use: dict[str, int] = {}
+    for i, seg in enumerate(segments):
+        seen: set[str] = set()
+        for n in seg.nodes:
+            for a in n.all_input_nodes:
+                last_use[a.name] = i
+                if where.get(a.name) != i and a.name not in seen:
+                    seen.add(a.name)
+                    seg.inputs.append(a.name)
+    read_later: set[str] = {a.name for a in output.all_input_nodes}
+    for i in range(len(segments) - 1, -1, -1):
+        seg = segments[i]
+        seg.outputs = [n.name for n in seg.nodes if n.name in read_later]
+        read_later |= set(seg.inputs)
+    keep = {n.name for n in gm.graph.nodes if n.op == "placeholder"} | {a.name for a in output.all_input_nodes}
+    for name, i in last_use.items():
+        if name not in keep:
+            segments[i].frees.append(name)
+    for seg in segments:
+        if seg.compiled:
+            seg.graph_module = _segment_module(gm, seg)
+
+
+def _segment_module(gm: fx.GraphModule, seg: Segment) -> fx.GraphModule:
+    graph = fx.Graph()
+    env: dict[str, fx.Node] = {}
+    by_name = {n.name: n for n in gm.graph.nodes}
+    for name in seg.inputs:
+        ph = graph.placeholder(name)
+        ph.meta = dict(by_name[name].meta)
+        if not isinstance(ph.meta.get("val"), torch.Tensor):
+            raise UnsupportedStep(
+                f"backend='inductor': the compiled segment starting at {seg.nodes[0].name!r} reads "
+                f"{name!r}, which is not a tensor; run this step with backend='eager'"
+            )
+        env[name] = ph
+    for n in seg.nodes:
+        env[n.name] = graph.node_copy(n, lambda a: env[a.name])
+    graph.output(tuple(env[name] for name in seg.outputs))
+    return fx.GraphModule(gm, graph)
+
+
+class _Runner:
+    """Runs the segments in order; callable like the rewritten GraphModule."""
+
+    def __init__(self, gm: fx.GraphModule, *, compile_segment: Callable[[fx.GraphModule, list], Callable]):
+        self._gm = gm
+        self.segments = segments_of(gm)
+        self._placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+        self._output = next(n for n in gm.graph.nodes if n.op == "output")
+        self._compile_segment = compile_segment
+
+    def __call__(self, *inputs: Any) -> Any:
+        env: dict[str, Any] = dict(zip(self._placeholders, inputs, strict=True))
+        for seg in self.segments:
+            if seg.compiled:
+                args = [_detached(env[name]) for name in seg.inputs]
+                for name in seg.frees:
+                    env.pop(name, None)
+                if seg.fn is None:
+                    seg.fn = self._compile_segment(seg.graph_module, args)
+                outs = seg.fn(args)  # boxed: empties args, frees inputs after their last use
+                env.update(zip(seg.outputs, outs, strict=True))
+                del outs
+            else:
+                for n in seg.nodes:
+                    args = fx.node.map_arg(n.args, lambda a: env[a.name])
+                    kwargs = fx.node.map_arg(n.kwargs, lambda a: env[a.name])
+                    env[n.name] = n.target(*args, **kwargs)
+                    del args, kwargs
+                for name in seg.frees:
+                    env.pop(name, None)
+        return fx.node.map_arg(self._output.args[0], lambda a: env[a.name])
+
+    def summary(self) -> dict[str, int]:
+        compiled = [s for s in self.segments if s.compiled]
+        return {
+            "compiled_segments": len(compiled),
+            "compiled_nodes": sum(len(s.nodes) for s in compiled),
+            "eager_nodes": sum(len(s.nodes) for s in self.segments if not s.compiled),
+        }
+
+
+def _detached(v: Any) -> Any:
+    return v.detach() if isinstance(v, torch.Tensor) and v.requires_grad else v
+
+
+#: Inductor settings for every segment. ``reorder_for_locality`` moves a node next to
+#: its first consumer's neighbours: it hoisted recompute blocks (MLP: the
+#: replayed matmul ran before the backward matmul that precedes it in the plan,
+#: so four activation-sized buffers were alive where the plan has three).
+CONFIG_PATCHES: dict[str, Any] = {"reorder_for_locality": False, "reorder_for_peak_memory": False}
+
+
+def _inductor_segment(gm: fx.GraphModule, example: list, config_patches: dict | None = None) -> Callable[[list], Any]:
+    """``compile_fx`` of one segment, called boxed (the list is emptied)."""
+    config_patches = {**CONFIG_PATCHES, **(config_patches or {})}
+    from torch._dynamo.utils import GmWrapper
+    from torch._inductor.compile_fx import compile_fx
+
+    with torch.no_grad():
+        compiled = compile_fx(GmWrapper(gm, lambda flat: flat), list(example), config_patches=config_patches)
+
+    def run(args: list) -> Any:
+        with torch.no_grad():
+            return compiled(args)
+
+    return run
+
+
+class InductorStep(TracedStep):
+    """A rewritten step whose graph runs as compiled segments (:func:`segments_of`)."""
+
+    runner: _Runner
+
+    def _run_graph(self, inputs: list[Any]) -> Any:
+        return self.runner(*inputs)
+
+
+def compile_inductor(step: TracedStep, *, compile_segment: Callable | None = None) -> InductorStep:
+    """``step`` (a traced or rewritten step) run by inductor; segments compile at the first call."""
+    if step._b.grad_mode:
+        raise UnsupportedStep(
+            "backend='inductor' does not run steps whose kernels depend on grad mode "
+            "(the mkldnn RNN); use backend='eager'"
+        )
+    out = InductorStep(graph_module=step.graph_module, binding=step._b, provenance={**step.provenance, "backend": "inductor"})
+    out.runner = _Runner(step.graph_module, compile_segment=compile_segment or _inductor_segment)
+    return out
+
+
+def measure_graph_peak(step: TracedStep, *batch: Any) -> int:
+    """Measured peak bytes of one run of ``step``'s graph (compiled or not) on ``batch``,
+    leaving the model, optimizer and generator as they were.
+
+    The graph runs on the live tensors (parameters, buffers, optimizer state),
+    which are copied before and restored after; no gradient is written back and
+    no scheduler steps. The peak is :func:`acopt.measure.measure_peak`'s: what
+    was alive (the graph's tensor inputs) plus the allocator's peak during the
+    run (CPU: profiler allocation events; CUDA: ``max_memory_allocated``).
+    The first run (which compiles) is not measured.
+    """
+    from acopt.measure import measure_peak
+
+    inputs = step.flat_inputs(*batch)
+    tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
+    device = tensors[0].device if tensors else torch.device("cpu")
+    with torch.no_grad():
+        saved = [t.detach().clone() for t in tensors]
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+
+    def once() -> Any:
+        with torch.no_grad():
+            return step._run_graph(list(inputs))
+
+    try:
+        once()
+        return measure_peak(once, device=device, alive=lambda: tensors).peak_bytes
+    finally:
+        with torch.no_grad():
+            for t, s in zip(tensors, saved, strict=True):
+                t.copy_(s)
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Fitted:
+    """A compiled plan checked against its budget by measurement."""
+
+    step: InductorStep
+    plan: Any  # acopt.planning.Plan (its budget_bytes is the planning budget)
+    budget_bytes: int  # the budget asked for
+    simulated_peak_bytes: int  # the eager memory model's peak of the plan
+    measured_peak_bytes: int  # the compiled step's measured peak
+    planning_budget_bytes: int  # the budget the plan was made for
+    attempts: int  # plans compiled and measured
+
+
+def fit_compiled(
+    traced: TracedStep, prof: Any, batch: tuple, *, budget: int | str, solver: str, options: dict, attempts: int = 6
+) -> Fitted:
+    """The compiled plan with the fewest recomputations whose MEASURED peak is within
+    ``budget`` (docs/memory-model.md, "Compiled steps"), among at most ``attempts``.
+
+    Plan with the eager memory model for the budget (for the floor, if the budget
+    is below the eager floor: fusion may still fit it), compile, measure. Over the
+    budget: plan again for the budget minus the excess (a margin), down to the
+    floor. Within it by a slack of more than 1%: plan again for that much more
+    (fewer recomputations) while the result still fits. If even the floor's plan
+    measures over (compiled, more recomputation is not always less memory),
+    try plans for budgets spread above the floor, fewest recomputations first.
+    Raises :class:`acopt.InfeasibleBudget` when no plan tried fits.
+    """
+    from acopt.planning import (
+        InfeasibleBudget,
+        floor,
+        no_recompute_peak,
+        plan,
+        resolve_budget,
+    )
+    from acopt.rewriter import rewrite
+    from acopt.simulator import simulate
+
+    target = resolve_budget(prof, budget)
+    lowest = floor(prof)
+    peak = no_recompute_peak(prof)
+    tried: dict[frozenset, Fitted] = {}
+
+    def attempt(planning: int) -> Fitted:
+        chosen = plan(prof, budget=max(planning, lowest), solver=solver, **options)
+        key = frozenset(chosen.recompute)
+        if key not in tried:
+            step = compile_inductor(rewrite(traced, chosen, profile=prof))
+            measured = measure_graph_peak(step, *batch)
+            sim = simulate(prof, chosen).peak_bytes
+            tried[key] = Fitted(step, chosen, target, sim, measured, chosen.budget_bytes, len(tried) + 1)
+        return tried[key]
+
+    planning = max(target, lowest)
+    first = attempt(planning)
+    best = first if first.measured_peak_bytes <= target else None
+    last = first
+    while len(tried) < attempts:
+        if best is None:  # over the budget: a margin, down to the floor
+            if last.planning_budget_bytes <= lowest:
+                break
+            excess = last.measured_peak_bytes - target
+            nxt = attempt(max(lowest, last.planning_budget_bytes - max(excess, target // 100)))
+            if nxt is last:
+                break
+            last = nxt
+            if nxt.measured_peak_bytes <= target:
+                best = nxt
+                break  # the first plan that fits, coming from above
+        else:  # within the budget: spend the slack on fewer recomputations
+            slack = target - last.measured_peak_bytes
+            if slack <= target // 100 or not last.plan.recompute:
+                break
+            nxt = attempt(last.planning_budget_bytes + slack)
+            if nxt is last or nxt.measured_peak_bytes > target:
+                break
+            best = last = nxt
+    if best is None:  # not monotone: probe above the floor, fewest recomputations first
+        for fraction in (0.75, 0.5, 0.25):
+            if len(tried) >= attempts:
+                break
+            probe = attempt(lowest + int(fraction * (peak - lowest)))
+            if probe.measured_peak_bytes <= target:
+                best = probe
+                break
+    if best is None:
+        least = min(tried.values(), key=lambda f: f.measured_peak_bytes)
+        raise InfeasibleBudget(
+            f"backend='inductor': the compiled step does not fit {target} bytes: the least measured peak of "
+            f"{len(tried)} plans tried is {least.measured_peak_bytes} bytes (planned for "
+            f"{least.planning_budget_bytes} bytes; eager floor {lowest} bytes)",
+            floor_bytes=lowest,
+            budget_bytes=target,
+        )
+    return dataclasses.replace(best, attempts=len(tried))

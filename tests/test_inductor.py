@@ -1,0 +1,217 @@
+"""backend="inductor": the planned step run by compiled kernels (acopt.inductor).
+
+Checked against EAGER PyTorch (the user's train_step, run eagerly) over several
+steps with dropout, at inductor's tolerance; the plan must survive
+compilation (the forward graph returns no recomputed activation, the recompute
+blocks are compiled in the backward graph), and the measured peak must be
+within the budget.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import acopt
+from acopt import rng
+from acopt.inductor import compile_inductor, measure_graph_peak, segments_of
+from acopt.records import Region
+from acopt.rewriter import BLOCK_KEY
+from acopt.tracer import REGION_KEY, is_random
+
+RTOL, ATOL = 1e-4, 1e-5
+#: Parameters after AdamW steps: its first steps divide by sqrt(v) ~ |grad|, so a
+#: rounding difference in a tiny gradient moves a weight by up to ~lr; 1e-4 is 1% of lr.
+PARAM_ATOL = 1e-4
+
+
+def net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 64), nn.GELU(), nn.Dropout(0.3), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 4))
+
+
+def train_step(model, optimizer, x, y):
+    optimizer.zero_grad()
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def batch(i: int = 0, rows: int = 512):
+    g = torch.Generator().manual_seed(i)
+    return torch.randn(rows, 8, generator=g), torch.randint(0, 4, (rows,), generator=g)
+
+
+def _pair():
+    m1, m2 = net(), net()
+    o1 = torch.optim.AdamW(m1.parameters(), lr=1e-2)
+    o2 = torch.optim.AdamW(m2.parameters(), lr=1e-2)
+    return (m1, o1), (m2, o2)
+
+
+def _assert_close(m1, m2):
+    for (name, a), b in zip(m1.named_parameters(), m2.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=RTOL, atol=PARAM_ATOL, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(b.grad, a.grad, rtol=RTOL, atol=ATOL, msg=lambda m, n=name: f"{n}.grad: {m}")
+
+
+def _planned(budget="90%", pair=None):
+    """(model, optimizer), profile, plan, rewritten step; ``budget=None``: every
+    recomputable activation (the dropout's mask included)."""
+    m2, o2 = pair or _pair()[1]
+    x, y = batch()
+    traced = acopt.trace(train_step, m2, o2, x, y)
+    prof = acopt.profile(traced, x, y, warmup=0, iterations=1)
+    if budget is None:
+        plan = frozenset(a.name for a in prof.activations if a.recomputable)
+        return (m2, o2), prof, plan, acopt.rewrite(traced, plan, profile=prof)
+    plan = acopt.plan(prof, budget=budget)
+    return (m2, o2), prof, plan, acopt.rewrite(traced, plan, profile=prof)  # the step holds o2 weakly
+
+
+def test_segments_keep_the_plan_and_replay_the_forward_mask():
+    """The cut puts random ops and rng save/replay in eager segments, never mixes
+    forward and backward in one compiled graph, and the forward's compiled graphs
+    return no value the plan recomputes. Run (every activation recomputed: the
+    dropout is replayed in the backward), the compiled step equals eager PyTorch."""
+    (m1, o1), (m2, o2) = _pair()
+    _, _, plan, rewritten = _planned(None, pair=(m2, o2))
+    assert sum(n.target is rng.replay for n in rewritten.graph.nodes) >= 1, "the plan must replay the dropout"
+    segments = segments_of(rewritten.graph_module)
+    random_seen = 0
+    for seg in segments:
+        regions = {n.meta[REGION_KEY] == Region.FORWARD for n in seg.nodes}
+        if seg.compiled:
+            assert len(regions) == 1, "a compiled graph mixes forward and backward nodes"
+            assert not any(is_random(n) or n.target in (rng.save, rng.replay) for n in seg.nodes)
+            if regions == {True}:
+                assert not set(seg.outputs) & set(plan), "the forward graph returns a recomputed activation"
+        random_seen += sum(is_random(n) for n in seg.nodes)
+    blocks = [n for s in segments if s.compiled for n in s.nodes if BLOCK_KEY in n.meta]
+    assert blocks, "the recompute blocks are not in a compiled graph"
+    assert random_seen == 1  # the dropout, run eagerly in the forward
+    step = compile_inductor(rewritten)
+    for i in range(2):
+        xb, yb = batch(i)
+        torch.manual_seed(10 + i)
+        l1 = train_step(m1, o1, xb, yb)
+        torch.manual_seed(10 + i)
+        l2 = step(xb, yb)
+        torch.testing.assert_close(l2, l1, rtol=RTOL, atol=ATOL)
+        _assert_close(m1, m2)
+
+
+def test_inductor_step_equals_eager_pytorch_with_dropout():
+    """acopt.compile(backend="inductor") trains as eager PyTorch does (dropout
+    included: masks are eager's own), keeps lr live, fits its budget when measured
+    (80%: below the eager floor, which fusion lets the compiled step reach, and
+    below the compiled no-recompute peak), and compiling leaves the model and
+    optimizer untouched."""
+    (m1, o1), (m2, o2) = _pair()
+    x, y = batch()
+    step = acopt.compile(train_step, m2, o2, x, y, budget="80%", backend="inductor", warmup=0, iterations=1)
+    report = step.report()
+    assert acopt.floor(step.profile) > report.budget_bytes, "the budget is meant to be below the eager floor"
+    assert report.backend == "inductor" and report.recomputed >= 1
+    assert report.measured_peak_bytes is not None and report.measured_peak_bytes <= report.budget_bytes
+    for a, b in zip(m1.parameters(), m2.parameters(), strict=True):
+        assert torch.equal(a, b), "compiling (and measuring) changed the model"
+    for i in range(3):
+        xb, yb = batch(i)
+        torch.manual_seed(100 + i)
+        l1 = train_step(m1, o1, xb, yb)
+        torch.manual_seed(100 + i)
+        l2 = step(xb, yb)
+        torch.testing.assert_close(l2, l1, rtol=RTOL, atol=ATOL)
+        _assert_close(m1, m2)
+        assert torch.equal(torch.get_rng_state(), _eager_rng_after(100 + i)), "the generator is not where eager left it"
+    for o in (o1, o2):
+        o.param_groups[0]["lr"] = 0.3  # a live hyperparameter: no recompilation, no stale constant
+    torch.manual_seed(7)
+    train_step(m1, o1, x, y)
+    torch.manual_seed(7)
+    step(x, y)
+    _assert_close(m1, m2)
+    assert isinstance(step.traced.runner.summary()["compiled_segments"], int)
+
+
+def _eager_rng_after(seed: int) -> torch.Tensor:
+    """The generator after one eager step's draws (one dropout of a 512 x 64 input)."""
+    keep = torch.get_rng_state()
+    torch.manual_seed(seed)
+    torch.nn.functional.dropout(torch.ones(512, 64), 0.3, training=True)
+    out = torch.get_rng_state()
+    torch.set_rng_state(keep)
+    return out
+
+
+def test_measured_peak_of_the_eager_rewrite_is_the_simulated_one():
+    """The measuring helper itself: on the eager rewritten step it gives the simulator's peak exactly."""
+    _live, prof, plan, rewritten = _planned()
+    x, y = batch()
+    assert measure_graph_peak(rewritten, x, y) == acopt.simulate(prof, plan).peak_bytes
+
+
+def test_bad_backend_is_refused():
+    (_, _), (m2, o2) = _pair()
+    with pytest.raises(ValueError, match="backend"):
+        acopt.compile(train_step, m2, o2, *batch(), budget="90%", backend="tvm")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,batch_size,budget", [("cnn", 32, "90%"), ("transformer", 32, "50%")])
+def test_builtin_models_match_eager_and_fit(name, batch_size, budget):
+    from acopt import models
+
+    w1 = models.build(name, batch_size=batch_size, device="cpu", seed=0)
+    w2 = models.build(name, batch_size=batch_size, device="cpu", seed=0)
+    step = acopt.compile(w2.train_step, w2.model, w2.optimizer, *w2.batch, budget=budget, backend="inductor")
+    report = step.report()
+    assert report.recomputed >= 1 and report.measured_peak_bytes <= report.budget_bytes
+    for i in range(3):
+        b = w1.make_batch(i)
+        torch.manual_seed(i)
+        l1 = w1.train_step(w1.model, w1.optimizer, *b)
+        torch.manual_seed(i)
+        l2 = step(*w2.make_batch(i))
+        torch.testing.assert_close(l2, l1, rtol=RTOL, atol=ATOL)
+    for a, b in zip(w1.model.parameters(), w2.model.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=RTOL, atol=PARAM_ATOL)
+
+
+@pytest.mark.slow
+def test_compiled_steps_are_compiled_per_variant():
+    """A guard failure (eval mode) traces, plans and compiles again; each variant
+    trains as eager PyTorch does."""
+    (m1, o1), (m2, o2) = _pair()
+    x, y = batch()
+    step = acopt.compile(train_step, m2, o2, x, y, budget="90%", backend="inductor", warmup=0, iterations=1)
+    for mode in ("train", "eval", "train"):
+        for m in (m1, m2):
+            m.train(mode == "train")
+        torch.manual_seed(3)
+        l1 = train_step(m1, o1, x, y)
+        torch.manual_seed(3)
+        if mode == "eval":
+            with pytest.warns(UserWarning, match="tracing and planning the step again"):
+                l2 = step(x, y)
+        else:
+            l2 = step(x, y)
+        torch.testing.assert_close(l2, l1, rtol=RTOL, atol=ATOL)
+        _assert_close(m1, m2)
+    assert len(step._compiled) == 1 and len(next(iter(step._compiled.values()))) == 2
+    assert compile_inductor is not None
+
+
+@pytest.mark.slow
+def test_cli_run_backend_inductor(capsys):
+    """`acopt run --backend inductor` checks against eager PyTorch and the budget, and prints both peaks."""
+    from acopt.cli import main
+
+    assert main(["run", "mlp", "--batch-size", "2048", "--budget", "80%", "--backend", "inductor",
+                 "--steps", "2", "--timing-steps", "2"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "simulated" in out and "measured" in out and "yes" in out
