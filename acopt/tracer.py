@@ -458,8 +458,8 @@ def _same_literals(a: _Traced, b: _Traced) -> None:
     literals: one that differs came from a hyperparameter acopt could not keep live."""
     la, lb = literal_values(a.gm), literal_values(b.gm)
     for (name, x), (_, y) in zip(a.constants, b.constants):
-        la.setdefault(f"constant {name} {x.tolist()!r}", f"constant {name}")
-        lb.setdefault(f"constant {name} {y.tolist()!r}", f"constant {name}")
+        la.setdefault(f"constant {name} {_literal(x)}", f"constant {name}")
+        lb.setdefault(f"constant {name} {_literal(y)}", f"constant {name}")
     if la.keys() != lb.keys():
         where = la[next(iter(la.keys() - lb.keys()))] if la.keys() - lb.keys() else lb[next(iter(lb.keys() - la.keys()))]
         raise UnsupportedStep(
@@ -467,6 +467,11 @@ def _same_literals(a: _Traced, b: _Traced) -> None:
             "math.sqrt(lr) or torch.tensor(lr) in the step): tracing with another value changed "
             f"a literal of {where}"
         )
+
+
+def _literal(t: torch.Tensor) -> str:
+    """A tensor constant's values as text (a meta tensor has none: its shape and dtype)."""
+    return f"meta {tuple(t.shape)} {t.dtype}" if t.is_meta else repr(t.tolist())
 
 
 @dataclasses.dataclass(slots=True)
@@ -602,7 +607,7 @@ def _init_optimizer_state(optimizer: torch.optim.Optimizer) -> list[torch.Tensor
                     again = _first_state(optimizer, group, p, torch.ones_like(p))
                     for key, v in first.items():
                         w = again.get(key)
-                        same = torch.equal(v, w) if isinstance(v, torch.Tensor) and isinstance(w, torch.Tensor) else v == w
+                        same = _same_value(v, w)
                         if not same:
                             raise UnsupportedStep(
                                 f"{type(optimizer).__name__} computes its state {key!r} from the first gradient "
@@ -616,6 +621,16 @@ def _init_optimizer_state(optimizer: torch.optim.Optimizer) -> list[torch.Tensor
             optimizer.state.pop(q, None)
         raise
     return added
+
+
+def _same_value(v: Any, w: Any) -> bool:
+    """Equal values; meta tensors (no values: a model built on the meta device
+    for fake profiling) are compared by shape and dtype only."""
+    if isinstance(v, torch.Tensor) and isinstance(w, torch.Tensor):
+        if v.is_meta or w.is_meta:
+            return v.is_meta and w.is_meta and v.shape == w.shape and v.dtype == w.dtype
+        return torch.equal(v, w)
+    return v == w
 
 
 def _first_state(optimizer: torch.optim.Optimizer, group: dict, p: torch.Tensor, grad: torch.Tensor) -> dict:
