@@ -50,6 +50,7 @@ _EXPORTS = {
     "profile": "acopt.profiler",
     "rewrite": "acopt.rewriter",
     "compile": "acopt.compiler",
+    "will_it_fit": "acopt.fit",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -78,5 +79,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from acopt.schedule import InvalidPlan
     from acopt.simulator import Simulation, simulate
     from acopt.errors import GuardFailure, UnsupportedStep
+    from acopt.fit import will_it_fit
     from acopt.tracer import TracedStep, trace
     from acopt.units import parse_bytes
