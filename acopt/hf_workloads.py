@@ -8,8 +8,10 @@ optionally cast to ``dtype``, with an optimizer and the step people run through
 
 Presets name a few well-known shapes: :data:`PRESETS`. Every config key given
 must exist in the model type's config (transformers itself would silently keep
-a misspelt key as an unused attribute). ``use_cache`` defaults to False (no KV
-cache in training); attention is SDPA.
+a misspelt key as an unused attribute). Attention is SDPA. Other settings are
+transformers' defaults, ``use_cache=True`` included, as ``Trainer`` runs them:
+with it, transformers skips the causal mask (flash attention, native GQA);
+``use_cache=false`` makes it keep a mask under tracing, and repeat K and V per head.
 """
 
 from __future__ import annotations
@@ -79,8 +81,6 @@ def make_config(name: str, overrides: dict[str, Any] | None = None):
             f"{model_type} config has no key {', '.join(map(repr, unknown))}; "
             f"its keys include: {', '.join(sorted(k for k in known if not k.startswith('_'))[:40])}"
         )
-    if "use_cache" in known:  # training keeps no KV cache (transformers' default builds one, copying K and V)
-        kw.setdefault("use_cache", False)
     config = tf.AutoConfig.for_model(model_type, **kw)
     config._attn_implementation = "sdpa"
     return config
