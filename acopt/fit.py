@@ -280,10 +280,15 @@ class FitReport:
 
 
 class _Evaluator:
-    """Builds, traces and fake-profiles the step at a batch size; keeps each Profile."""
+    """Builds, traces and fake-profiles the step at a batch size. Keeps the
+    Profiles a plan may be made for (the requested batch's, and the largest
+    batch's whose floor fits ``usable``); the others are dropped (memory)."""
 
-    def __init__(self, make_workload: Callable[[int], Any], *, roofline, attention: str, progress=None):
+    def __init__(self, make_workload: Callable[[int], Any], *, roofline, attention: str, batch_size: int,
+                 usable: int, progress=None):  # fmt: skip
         self.make_workload = make_workload
+        self.batch_size = batch_size
+        self.usable = usable
         self.roofline = roofline
         self.attention = attention
         self.progress = progress
@@ -307,6 +312,10 @@ class _Evaluator:
         ev = Evaluation(batch_size, prof.peak_bytes, floor, prof.total_time_s, time.perf_counter() - t0)
         self.profiles[batch_size] = prof
         self.evaluations[batch_size] = ev
+        fitting = [b for b, e in self.evaluations.items() if e.floor_bytes <= self.usable]
+        keep = {self.batch_size, max(fitting, default=self.batch_size)}
+        for b in [b for b in self.profiles if b not in keep]:
+            del self.profiles[b]
         if self.progress is not None:
             self.progress(ev)
         return ev
@@ -316,9 +325,7 @@ def _summarise(prof, batch_size: int, budget: int, solver: str) -> PlanSummary:
     import acopt
 
     plan = acopt.plan(prof, budget=budget, solver=solver)
-    sim = acopt.simulate(prof, plan)
-    if sim.peak_bytes > budget:  # a planner must not return this; say so rather than report it as fitting
-        raise RuntimeError(f"{solver} returned a plan of peak {sim.peak_bytes} over its budget {budget}")
+    sim = acopt.simulate(prof, plan)  # an INFEASIBLE plan's peak is over the budget: the rows say so
     return PlanSummary(
         batch_size=batch_size, budget_bytes=budget, solver=solver, status=plan.status.value,
         recomputed=len(plan.recompute), activations=len(prof.activations), predicted_peak_bytes=sim.peak_bytes,
@@ -465,7 +472,8 @@ def will_it_fit(
     n_params = sum(p.numel() for p in {id(p): p for p in w.model.parameters()}.values())
     del w
     usable = memory - reserve_bytes
-    evaluate = _Evaluator(make, roofline=roofline, attention=attention, progress=progress)
+    evaluate = _Evaluator(make, roofline=roofline, attention=attention, batch_size=batch_size, usable=usable,
+                          progress=progress)  # fmt: skip
     here = evaluate(batch_size)
     prof = evaluate.profiles[batch_size]
     peaks: dict[int, int] = {}
@@ -531,8 +539,9 @@ def report_rows(r: FitReport) -> list[tuple[str, str]]:
     def plan_text(p: PlanSummary | None) -> str:
         if p is None:
             return "-"
+        fits = "" if p.predicted_peak_bytes <= p.budget_bytes else f" (status {p.status}: DOES NOT FIT)"
         return (
-            f"{p.solver}: {p.recomputed}/{p.activations} activations recomputed, peak {fb(p.predicted_peak_bytes)}, "
+            f"{p.solver}: {p.recomputed}/{p.activations} activations recomputed, peak {fb(p.predicted_peak_bytes)}{fits}, "
             f"overhead ESTIMATE {p.overhead:.1%} ({p.recompute_time_s * 1e3:.1f} ms of {p.step_time_s * 1e3:.1f} ms)"
         )
 
@@ -655,9 +664,12 @@ def run_cli(args, console) -> int:
         raise ValueError(f"--max-batch {args.max_batch} is below --batch-size {args.batch_size}")
 
     def progress(ev: Evaluation) -> None:
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
         console.print(
             f"  batch {ev.batch_size}: peak {format_bytes(ev.peak_bytes)}, floor {format_bytes(ev.floor_bytes)} "
-            f"({ev.seconds:.0f} s)"
+            f"({ev.seconds:.0f} s; this process's max RSS so far {format_bytes(rss)})"
         )
 
     console.print("fake-profiling the step (no weights are allocated):")
