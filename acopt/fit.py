@@ -652,6 +652,7 @@ def _preset_names() -> list[str]:
 def run_cli(args, console) -> int:
     """Run :func:`will_it_fit` with ``acopt fit``'s arguments and print the report (rich ``console``)."""
     import json
+    import os
 
     from rich.table import Table
 
@@ -689,6 +690,7 @@ def run_cli(args, console) -> int:
     console.print(table)
     console.print(_escape(FITS_MEANS))
     if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(report.to_dict(), f, indent=1)
         console.print(f"wrote {args.json}")
