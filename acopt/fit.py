@@ -553,7 +553,7 @@ def report_rows(r: FitReport) -> list[tuple[str, str]]:
         here = "none: even the floor does not fit"
     else:
         here = plan_text(r.plan)
-    return [
+    rows = [
         ("model", r.description),
         ("device memory", f"{fb(r.device_memory_bytes)} - reserve {fb(r.reserve_bytes)} = usable {fb(usable)}"),
         ("parameters", f"{r.parameters:,} ({fb(r.parameter_bytes)})"),
@@ -563,10 +563,12 @@ def report_rows(r: FitReport) -> list[tuple[str, str]]:
         (f"plan at batch {b}", here),
         ("largest batch, no plan", boundary(r.max_batch_no_plan, "peak_bytes")),
         ("largest batch, with a plan (floor)", boundary(r.max_batch_with_plan, "floor_bytes")),
-        (f"plan at batch {r.max_batch_with_plan}", plan_text(r.plan_at_max_batch) if r.plan_at_max_batch else "-"),
         (f"step time ESTIMATE (batch {b})", f"{r.step_time_s * 1e3:.1f} ms, {r.roofline} ({r.gpu})"),
         ("fake profiles", f"{len(r.evaluations)} (batches {batches}), {r.seconds:.0f} s in all"),
     ]  # fmt: skip
+    if r.plan_at_max_batch is not None:
+        rows.insert(-2, (f"plan at batch {r.max_batch_with_plan}", plan_text(r.plan_at_max_batch)))
+    return rows
 
 
 #: What "fits" means, printed under the report.
