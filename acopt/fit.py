@@ -321,10 +321,10 @@ class _Evaluator:
         return ev
 
 
-def _summarise(prof, batch_size: int, budget: int, solver: str) -> PlanSummary:
+def _summarise(prof, batch_size: int, budget: int, solver: str, options: dict[str, Any]) -> PlanSummary:
     import acopt
 
-    plan = acopt.plan(prof, budget=budget, solver=solver)
+    plan = acopt.plan(prof, budget=budget, solver=solver, **options)
     sim = acopt.simulate(prof, plan)  # an INFEASIBLE plan's peak is over the budget: the rows say so
     return PlanSummary(
         batch_size=batch_size, budget_bytes=budget, solver=solver, status=plan.status.value,
@@ -394,7 +394,7 @@ class FitInputError(ValueError):
 
 
 def _check_inputs(model, *, hf, config, batch_size, seq_len, dtype, optimizer, foreach, model_args, device_memory,
-                  reserve, gpu, flops, bandwidth, overhead_s, solver, attention, max_batch):  # fmt: skip
+                  reserve, gpu, flops, bandwidth, overhead_s, solver, solver_options, attention, max_batch):  # fmt: skip
     from acopt.units import parse_bytes
 
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
@@ -413,9 +413,9 @@ def _check_inputs(model, *, hf, config, batch_size, seq_len, dtype, optimizer, f
     usable = memory - reserve_bytes
     if usable <= 0:
         raise ValueError(f"reserve ({reserve_bytes} B) leaves nothing of device_memory ({memory} B)")
-    from acopt.planning import get_planner
+    from acopt.planning import get_planner, make_options
 
-    get_planner(solver)  # unknown solver: ValueError now
+    make_options(get_planner(solver), solver_options or {})  # unknown solver or option: an error now
     name, desc, make = _workload_factory(
         model, hf=hf, config=config, seq_len=seq_len, dtype=dtype, optimizer=optimizer, foreach=foreach,
         model_args=model_args,
@@ -441,6 +441,7 @@ def will_it_fit(
     bandwidth: float | None = None,
     overhead_s: float = 2e-6,
     solver: str = "mu-two",
+    solver_options: dict[str, Any] | None = None,
     attention: str = "flash",
     max_batch: int = 65536,
     progress: Callable[[Evaluation], None] | None = None,
@@ -463,8 +464,8 @@ def will_it_fit(
         roofline, memory, reserve_bytes, name, desc, make = _check_inputs(
             model, hf=hf, config=config, batch_size=batch_size, seq_len=seq_len, dtype=dtype, optimizer=optimizer,
             foreach=foreach, model_args=model_args, device_memory=device_memory, reserve=reserve, gpu=gpu,
-            flops=flops, bandwidth=bandwidth, overhead_s=overhead_s, solver=solver, attention=attention,
-            max_batch=max_batch,
+            flops=flops, bandwidth=bandwidth, overhead_s=overhead_s, solver=solver, solver_options=solver_options,
+            attention=attention, max_batch=max_batch,
         )  # fmt: skip
         w = make(batch_size)  # a factory's refusal of its arguments shows here; on meta, cheap
     except (ValueError, TypeError) as e:
@@ -497,10 +498,10 @@ def will_it_fit(
 
     plan_here = None
     if here.peak_bytes > usable >= here.floor_bytes:
-        plan_here = _summarise(prof, batch_size, usable, solver)
+        plan_here = _summarise(prof, batch_size, usable, solver, solver_options or {})
     plan_max = None
     if max_plan > max_no_plan:
-        plan_max = _summarise(evaluate.profiles[max_plan], max_plan, usable, solver)
+        plan_max = _summarise(evaluate.profiles[max_plan], max_plan, usable, solver, solver_options or {})
 
     from acopt.records import Role
 
@@ -626,7 +627,8 @@ def add_fit_arguments(sp) -> None:
                     "fragmentation and workspace, e.g. 2GiB (default 0)")  # fmt: skip
     sp.add_argument("--solver", default="mu-two", help="planner for the plans (default mu-two: fast; greedy "
                     "recomputes less but takes minutes to hours on an 8B model's profile)")  # fmt: skip
-    sp.add_argument("--option", type=_key_value, action="append", default=[], metavar="KEY=VALUE", help=argparse_suppress())
+    sp.add_argument("--option", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+                    help="planner option, e.g. max_simulations=0 for greedy (repeatable)")  # fmt: skip
     sp.add_argument("--attention", choices=["flash", "math"], default="flash",
                     help="trace SDPA as a fused flash kernel as on a GPU (default), or as the math fallback")  # fmt: skip
     sp.add_argument("--max-batch", type=_positive_int, default=65536, help="largest batch searched (default 65536)")
@@ -637,12 +639,6 @@ def argparse_error(message: str):
     import argparse
 
     return argparse.ArgumentTypeError(message)
-
-
-def argparse_suppress():
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 def _preset_names() -> list[str]:
@@ -661,10 +657,8 @@ def run_cli(args, console) -> int:
     from acopt.units import format_bytes
 
     config = {k: v for group in args.config for k, v in group}
-    if args.option:
-        raise ValueError("acopt fit takes no planner --option")
     if args.max_batch < args.batch_size:
-        raise ValueError(f"--max-batch {args.max_batch} is below --batch-size {args.batch_size}")
+        raise FitInputError(f"--max-batch {args.max_batch} is below --batch-size {args.batch_size}")
 
     def progress(ev: Evaluation) -> None:
         import resource
@@ -680,8 +674,8 @@ def run_cli(args, console) -> int:
         args.fit_model, hf=args.hf, config=config or None, batch_size=args.batch_size, seq_len=args.seq_len,
         dtype=args.dtype, optimizer=args.optimizer, foreach=args.foreach, model_args=dict(args.model_arg) or None,
         device_memory=args.device_memory, reserve=args.reserve, gpu=args.gpu, flops=args.flops,
-        bandwidth=args.bandwidth, solver=args.solver, attention=args.attention, max_batch=args.max_batch,
-        progress=progress,
+        bandwidth=args.bandwidth, solver=args.solver, solver_options=dict(args.option), attention=args.attention,
+        max_batch=args.max_batch, progress=progress,
     )  # fmt: skip
     custom = args.flops is not None or args.bandwidth is not None
     table = Table(title=f"Will it fit? {report.model} on {GPUS[args.gpu].name}{' (custom roofline)' if custom else ''}")

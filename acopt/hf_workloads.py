@@ -154,7 +154,12 @@ def build(
         labels = ids.clone() if causal else torch.randint(0, num_labels, (batch_size,), generator=g)
         return ids, labels
 
-    make_batch = _batch_maker(make, device)
+    def make_meta(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Meta tensors of the batch's shapes: no values, no memory (a fake profile of a huge batch)."""
+        ids = torch.empty(batch_size, seq_len, dtype=torch.long, device="meta")
+        return ids, (torch.empty_like(ids) if causal else torch.empty(batch_size, dtype=torch.long, device="meta"))
+
+    make_batch = make_meta if torch.device(device).type == "meta" else _batch_maker(make, device)
     blocks = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
     return Workload(
         name=f"hf:{name}",

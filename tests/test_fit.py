@@ -173,6 +173,7 @@ def test_roofline_sets_estimated_times():
         ({"model": "mlp", "solver": "nosuch"}, "nosuch"),
         ({"model": "mlp", "device_memory": "80 parsecs"}, "unknown size unit"),
         ({"model": "mlp", "model_args": {"nosuch": 1}}, "unexpected keyword argument 'nosuch'"),
+        ({"model": "mlp", "solver_options": {"x": 1}}, "unknown option 'x' for planner 'mu-two'"),
     ],
 )
 def test_bad_input_is_a_clear_error(kwargs, match):
@@ -188,6 +189,7 @@ def test_bad_input_is_a_clear_error(kwargs, match):
         (["fit", "mlp", "--flops", "-3"], "must be a positive number"),
         (["fit"], "give either model"),
         (["fit", "mlp", "--gpu", "h1000"], "invalid choice"),
+        (["fit", "mlp", "--batch-size", "8", "--max-batch", "4"], "below --batch-size 8"),
     ],
 )
 def test_cli_errors_are_one_line(argv, expected, capsys):
