@@ -55,6 +55,7 @@ _EXPORTS = {
     "wrap": "acopt.module_mode",
     "WrappedModule": "acopt.module_mode",
     "shard": "acopt.sharding",
+    "will_it_fit": "acopt.fit",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -77,6 +78,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from acopt.compiler import compile
     from acopt.errors import GuardFailure, UnsupportedStep
     from acopt.fingerprint import ArtifactMismatch
+    from acopt.fit import will_it_fit
     from acopt.module_mode import WrappedModule, wrap
     from acopt.planning import (
         InfeasibleBudget,

@@ -5,6 +5,7 @@
     acopt profile resnet152 --batch-size 8 --fake --out out/
     acopt plan out/resnet152_bs8_fake.profile.json --budget 1GiB --solver greedy --out out/
     acopt sweep out/resnet152_bs8_fake.profile.json --solver greedy --out out/
+    acopt fit gpt2 --batch-size 8 --dtype bf16 --gpu a100     # will it fit? (fake tensors, estimated times)
     acopt models; acopt solvers
 
 Exit status: 0 done; 1 `acopt run`'s check failed, or an internal error (with
@@ -493,6 +494,10 @@ def build_parser() -> argparse.ArgumentParser:
     plan_args(sp)
     sp.set_defaults(fn=cmd_run)
 
+    sp = add("fit", help="will it fit? peak, floor and largest batch on a GPU, from a config alone (fake tensors)")
+    _fit_module().add_fit_arguments(sp)
+    sp.set_defaults(fn=cmd_fit)
+
     sp = add("models", help="list the built-in models")
     sp.set_defaults(fn=lambda a: print("\n".join(__import__("acopt.models", fromlist=["names"]).names())) or 0)
 
@@ -594,6 +599,21 @@ def _check_model(args, fail) -> None:
         if ok is not None and (not isinstance(value, ok) or (isinstance(value, bool) and type(default) is not bool)):
             kind = {bool: "true or false", int: "an int", float: "a number", str: "a string"}[type(default)]
             fail(f"argument --model-arg: {key}={value!r} should be {kind}, like {key}={default!r}")
+
+
+def _fit_module():
+    import acopt.fit
+
+    return acopt.fit
+
+
+def cmd_fit(args) -> int:
+    """``acopt fit``: the whole step's peak, floor and largest batch on a named GPU (acopt.fit)."""
+    fit = _fit_module()
+    try:
+        return fit.run_cli(args, console)
+    except fit.FitInputError as e:  # its checks of the arguments (model, config keys, sizes), before any work
+        raise UsageError(str(e), getattr(args, "parser", None)) from e
 
 
 def cmd_solvers(args) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import operator
 import os
 import sys
@@ -56,15 +57,43 @@ BATCH_NORM_OPS = frozenset(
 )
 DROP_RUNNING_STATS = "drop_running_stats"
 
-#: The fake-mode time estimator's machine (documented in docs/usage.md).
+#: The fake-mode time estimator's default machine (documented in docs/usage.md).
 ESTIMATOR_FLOPS = 1.0e11  # 100 GFLOP/s
 ESTIMATOR_BYTES = 2.0e10  # 20 GB/s
 ESTIMATOR_OVERHEAD_S = 2e-6
 
 
-def estimate_time(flops: float, bytes_moved: float) -> float:
+@dataclasses.dataclass(frozen=True, slots=True)
+class Roofline:
+    """The machine of the fake-mode time estimator: peak FLOP/s, memory bandwidth
+    (bytes/s) and a fixed cost per node (launch overhead)."""
+
+    flops_per_s: float = ESTIMATOR_FLOPS
+    bytes_per_s: float = ESTIMATOR_BYTES
+    overhead_s: float = ESTIMATOR_OVERHEAD_S
+
+    def __post_init__(self) -> None:
+        for name in ("flops_per_s", "bytes_per_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"Roofline.{name} must be a positive number, got {value!r}")
+        if not (math.isfinite(self.overhead_s) and self.overhead_s >= 0):
+            raise ValueError(f"Roofline.overhead_s must be >= 0, got {self.overhead_s!r}")
+
+    def time(self, flops: float, bytes_moved: float) -> float:
+        """max(compute, memory) + overhead, in seconds."""
+        return max(flops / self.flops_per_s, bytes_moved / self.bytes_per_s) + self.overhead_s
+
+    def describe(self) -> str:
+        return (
+            f"roofline: max(flops / {self.flops_per_s:.3g} FLOP/s, bytes / {self.bytes_per_s:.3g} B/s) "
+            f"+ {self.overhead_s:.0e} s"
+        )
+
+
+def estimate_time(flops: float, bytes_moved: float, roofline: Roofline | None = None) -> float:
     """Roofline estimate of a node's time: max(compute, memory) + launch overhead."""
-    return max(flops / ESTIMATOR_FLOPS, bytes_moved / ESTIMATOR_BYTES) + ESTIMATOR_OVERHEAD_S
+    return (roofline or Roofline()).time(flops, bytes_moved)
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:
@@ -405,8 +434,14 @@ def profile(
     fake: bool = False,
     model_name: str = "",
     progress: bool = False,
+    roofline: Roofline | None = None,
 ) -> Profile:
-    """Profile one step of ``traced`` on ``batch``; leaves model, optimizer and RNG as found."""
+    """Profile one step of ``traced`` on ``batch``; leaves model, optimizer and RNG as found.
+
+    ``roofline``: the machine whose times ``fake=True`` estimates (default :class:`Roofline()`).
+    """
+    if roofline is not None and not fake:
+        raise ValueError("roofline= sets the estimated times of a fake profile: pass fake=True too")
     if iterations < 1:
         raise ValueError("iterations must be >= 1")
     inputs = traced.flat_inputs(*batch)
@@ -444,8 +479,9 @@ def profile(
     finally:
         rng.restore()
     return _build_profile(
-        traced, interp, runs, temps, fake=fake, device=device, model_name=model_name, iterations=iterations
-    )
+        traced, interp, runs, temps, fake=fake, device=device, model_name=model_name, iterations=iterations,
+        roofline=roofline or Roofline(),
+    )  # fmt: skip
 
 
 @dataclasses.dataclass(slots=True)
@@ -464,7 +500,7 @@ class _RngState:
             torch.cuda.set_rng_state(self.cuda)
 
 
-def _build_profile(traced, interp, runs, temps, *, fake, device, model_name, iterations) -> Profile:
+def _build_profile(traced, interp, runs, temps, *, fake, device, model_name, iterations, roofline) -> Profile:
     nodes = interp.nodes
     last = runs[-1]
     for r in runs[:-1]:  # storage accounting must not change between iterations
@@ -472,7 +508,7 @@ def _build_profile(traced, interp, runs, temps, *, fake, device, model_name, ite
             raise RuntimeError("storage accounting differed between profiling iterations")
     if fake:
         times = [
-            0.0 if n.op in (PLACEHOLDER, OUTPUT) else estimate_time(last.flops[i], _bytes_moved(n, last, i))
+            0.0 if n.op in (PLACEHOLDER, OUTPUT) else roofline.time(last.flops[i], _bytes_moved(n, last, i))
             for i, n in enumerate(nodes)
         ]
     else:
@@ -517,12 +553,7 @@ def _build_profile(traced, interp, runs, temps, *, fake, device, model_name, ite
         device=str(device),
         torch_version=torch.__version__,
         estimated_times=fake,
-        time_estimator=(
-            f"roofline: max(flops / {ESTIMATOR_FLOPS:.0e} FLOP/s, bytes / {ESTIMATOR_BYTES:.0e} B/s) "
-            f"+ {ESTIMATOR_OVERHEAD_S:.0e} s"
-            if fake
-            else ""
-        ),
+        time_estimator=roofline.describe() if fake else "",
         iterations=0 if fake else iterations,
         graph_fingerprint=graph_fingerprint(traced.graph_module),
     )
@@ -539,11 +570,23 @@ def _build_profile(traced, interp, runs, temps, *, fake, device, model_name, ite
 
 
 def _bytes_moved(node: fx.Node, run: _Run, i: int) -> float:
-    """Bytes a node reads and writes, for the estimator: its inputs' and outputs' storages."""
+    """Bytes a node reads and writes, for the estimator: its inputs' and outputs'
+    storages; none for a view or a ``getitem`` (they run no kernel)."""
+    if node.target is operator.getitem or _is_view(node):
+        return 0.0
     names = set(run.node_allocates[i])
     for a in node.all_input_nodes:
         names.update(run.node_storages[_index_cache(node.graph)[a]])
     return float(sum(run.storage_bytes[s] for s in names))
+
+
+def _is_view(node: fx.Node) -> bool:
+    """An op whose every result aliases an input without writing it (``view``, ``t``, ``expand``...)."""
+    target = node.target
+    if not isinstance(target, torch._ops.OpOverload):
+        return False
+    returns = target._schema.returns
+    return bool(returns) and all(r.alias_info is not None and not r.alias_info.is_write for r in returns)
 
 
 _INDEX: dict[int, dict[fx.Node, int]] = {}

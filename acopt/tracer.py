@@ -550,8 +550,8 @@ def _same_literals(a: _Traced, b: _Traced) -> None:
     literals: one that differs came from a hyperparameter acopt could not keep live."""
     la, lb = literal_values(a.gm), literal_values(b.gm)
     for (name, x), (_, y) in zip(a.constants, b.constants):
-        la.setdefault(f"constant {name} {x.tolist()!r}", f"constant {name}")
-        lb.setdefault(f"constant {name} {y.tolist()!r}", f"constant {name}")
+        la.setdefault(f"constant {name} {_literal(x)}", f"constant {name}")
+        lb.setdefault(f"constant {name} {_literal(y)}", f"constant {name}")
     if la.keys() != lb.keys():
         where = la[next(iter(la.keys() - lb.keys()))] if la.keys() - lb.keys() else lb[next(iter(lb.keys() - la.keys()))]
         raise UnsupportedStep(
@@ -559,6 +559,11 @@ def _same_literals(a: _Traced, b: _Traced) -> None:
             "math.sqrt(lr) or torch.tensor(lr) in the step): tracing with another value changed "
             f"a literal of {where}"
         )
+
+
+def _literal(t: torch.Tensor) -> str:
+    """A tensor constant's values as text (a meta tensor has none: its shape and dtype)."""
+    return f"meta {tuple(t.shape)} {t.dtype}" if t.is_meta else repr(t.tolist())
 
 
 @dataclasses.dataclass(slots=True)
@@ -730,7 +735,7 @@ def _init_optimizer_state(optimizer: torch.optim.Optimizer) -> list[torch.Tensor
                     again = _first_state(optimizer, group, p, torch.ones_like(p))
                     for key, v in first.items():
                         w = again.get(key)
-                        same = _same_state(v, w)
+                        same = _same_value(v, w)
                         if not same:
                             raise UnsupportedStep(
                                 f"{type(optimizer).__name__} computes its state {key!r} from the first gradient "
@@ -746,12 +751,12 @@ def _init_optimizer_state(optimizer: torch.optim.Optimizer) -> list[torch.Tensor
     return added
 
 
-def _same_state(v: Any, w: Any) -> bool:
-    """Equal first state values; meta tensors (a fake profile of a model built on the meta device,
-    which never trains) have no values: their shape and dtype are compared."""
+def _same_value(v: Any, w: Any) -> bool:
+    """Equal values; meta tensors (no values: a model built on the meta device
+    for fake profiling) are compared by shape and dtype only."""
     if isinstance(v, torch.Tensor) and isinstance(w, torch.Tensor):
         if v.is_meta or w.is_meta:
-            return v.shape == w.shape and v.dtype == w.dtype
+            return v.is_meta and w.is_meta and v.shape == w.shape and v.dtype == w.dtype
         return torch.equal(v, w)
     return v == w
 
