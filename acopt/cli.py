@@ -542,7 +542,7 @@ def check_args(args) -> None:
             spec = get_planner(args.solver)
         except (PlannerUnavailable, ValueError) as e:
             fail(f"argument --solver: {e}")
-        if args.time_limit is not None and "time_limit_s" not in _option_fields(spec):
+        if getattr(args, "time_limit", None) is not None and "time_limit_s" not in _option_fields(spec):
             fail(f"argument --time-limit: {spec.name} has no time limit (the exact planners have: see `acopt solvers`)")
         try:
             make_options(spec, _planner_options(args))
