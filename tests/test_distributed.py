@@ -120,6 +120,10 @@ def _ddp_body(rank: int, world: int, hand_reduced: bool) -> None:
         ):
             step(*batch)
         assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+        # each rank would pick its compiled plan by its own measurements: refused on every rank, untouched
+        with pytest.raises(acopt.UnsupportedStep, match="backend='inductor' under torch.distributed"):
+            acopt.compile(train_step, wrapped, opt, *batch, budget=budget, backend="inductor")
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
 def test_ddp_step_equals_eager_ddp_with_a_plan():

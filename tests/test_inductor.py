@@ -215,3 +215,21 @@ def test_cli_run_backend_inductor(capsys):
                  "--steps", "2", "--timing-steps", "2"]) == 0  # fmt: skip
     out = capsys.readouterr().out
     assert "simulated" in out and "measured" in out and "yes" in out
+
+
+def test_a_saved_plan_is_refused_with_the_inductor_backend(tmp_path, capsys):
+    """The inductor backend chooses its plan by measuring the compiled step: a
+    saved plan is refused before anything is traced, in the API and the CLI."""
+    from acopt.cli import main
+
+    model = net()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="plan= is for the eager backend"):
+        acopt.compile(train_step, model, opt, torch.randn(4, 8), torch.randint(0, 4, (4,)),
+                      backend="inductor", plan=tmp_path / "any.plan.json")  # fmt: skip
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())) and not opt.state
+    saved = tmp_path / "mlp.plan.json"
+    saved.write_text("{}")
+    assert main(["run", "mlp", "--batch-size", "8", "--backend", "inductor", "--plan", str(saved)]) == 2
+    assert "--backend inductor chooses its plan" in capsys.readouterr().err
