@@ -20,8 +20,8 @@ import dataclasses
 import math
 import operator
 import os
-import sys
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -31,6 +31,7 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten
 
 from acopt.collectives import max_over_ranks, uses_collectives
+from acopt.progress import bar as progress_bar
 from acopt.records import (
     OUTPUT,
     PLACEHOLDER,
@@ -42,7 +43,6 @@ from acopt.records import (
     Role,
     StorageRecord,
 )
-from acopt.progress import bar as progress_bar
 from acopt.schedule import InvalidPlan, MemoryModel
 from acopt.tracer import TracedStep
 
@@ -359,6 +359,30 @@ def _cuda_temp_bytes(interp: StepInterpreter, inputs: list[Any]) -> list[int]:
     return temps
 
 
+def added_peak_bytes(fn: Callable[[], Any]) -> int:
+    """The most bytes the CPU allocator held above its level at the start while
+    ``fn()`` ran: torch.profiler's allocation events (every thread), summed in
+    time order. What was allocated before is not included."""
+    from torch._C._profiler import _EventType
+
+    with _allocation_events() as prof:
+        fn()
+    sizes: list[tuple[int, int]] = []
+
+    def walk(events):
+        for e in events:
+            if e.tag == _EventType.Allocation:
+                sizes.append((e.start_time_ns, e.extra_fields.alloc_size))
+            walk(e.children)
+
+    walk(prof.profiler.kineto_results.experimental_event_tree())
+    current = peak = 0
+    for _, size in sorted(sizes):
+        current += size
+        peak = max(peak, current)
+    return peak
+
+
 def allocator_peak_bytes(traced: TracedStep, *batch: torch.Tensor) -> int:
     """Peak bytes the allocator holds while one step of ``traced`` runs on copies
     of its inputs (inputs included): CUDA's peak counter, or on CPU the sum of
@@ -375,26 +399,14 @@ def allocator_peak_bytes(traced: TracedStep, *batch: torch.Tensor) -> int:
                 out, _ = interp.run(inputs, record=False)
             torch.cuda.synchronize()
             return torch.cuda.max_memory_allocated()
-        from torch._C._profiler import _EventType
-
         base = sum(t.untyped_storage().nbytes() for t in {_storage_key(t): t for t in _tensors(inputs)}.values())
-        with torch.enable_grad(), _allocation_events() as prof:
-            out, _ = interp.run(inputs, record=False)
-            del out
-        sizes: list[tuple[int, int]] = []
 
-        def walk(events):
-            for e in events:
-                if e.tag == _EventType.Allocation:
-                    sizes.append((e.start_time_ns, e.extra_fields.alloc_size))
-                walk(e.children)
+        def run():
+            with torch.enable_grad():
+                out, _ = interp.run(inputs, record=False)
+                del out
 
-        walk(prof.profiler.kineto_results.experimental_event_tree())
-        current = peak = 0
-        for _, size in sorted(sizes):
-            current += size
-            peak = max(peak, current)
-        return base + peak
+        return base + added_peak_bytes(run)
     finally:
         rng.restore()
 

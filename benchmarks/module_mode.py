@@ -19,28 +19,7 @@ import time
 
 import torch
 
-
-def _allocator_peak(fn) -> int:
-    from torch._C._profiler import _EventType
-
-    from acopt.profiler import _allocation_events
-
-    with _allocation_events() as prof:
-        fn()
-    sizes = []
-
-    def walk(events):
-        for e in events:
-            if e.tag == _EventType.Allocation:
-                sizes.append((e.start_time_ns, e.extra_fields.alloc_size))
-            walk(e.children)
-
-    walk(prof.profiler.kineto_results.experimental_event_tree())
-    current = peak = 0
-    for _, size in sorted(sizes):
-        current += size
-        peak = max(peak, current)
-    return peak
+from acopt.profiler import added_peak_bytes
 
 
 def main(argv=None) -> None:
@@ -83,7 +62,7 @@ def main(argv=None) -> None:
             once()
         model.zero_grad(set_to_none=True)
         torch.manual_seed(0)
-        peak = held + _allocator_peak(once)
+        peak = held + added_peak_bytes(once)
         grads = [p.grad.clone() for p in model.parameters()]
         times = []
         for _ in range(args.repeats):

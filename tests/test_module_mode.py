@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import acopt
+from acopt.profiler import added_peak_bytes
 
 
 class Net(nn.Module):
@@ -91,31 +92,6 @@ def test_measured_peak_is_the_simulated_one(wrapped_net):
     assert "module" in str(rep) and rep.as_dict()["overhead"] >= 0
 
 
-def _allocator_peak(fn) -> int:
-    """Peak bytes allocated (above what was allocated before) while ``fn`` runs:
-    torch.profiler's CPU allocation events, as acopt.profiler.allocator_peak_bytes."""
-    from torch._C._profiler import _EventType
-
-    from acopt.profiler import _allocation_events
-
-    with _allocation_events() as prof:
-        fn()
-    sizes = []
-
-    def walk(events):
-        for e in events:
-            if e.tag == _EventType.Allocation:
-                sizes.append((e.start_time_ns, e.extra_fields.alloc_size))
-            walk(e.children)
-
-    walk(prof.profiler.kineto_results.experimental_event_tree())
-    current = peak = 0
-    for _, size in sorted(sizes):
-        current += size
-        peak = max(peak, current)
-    return peak
-
-
 def test_the_real_forward_and_backward_peak_at_the_simulated_bytes(wrapped_net):
     """Not the joint graph: the wrapped module called and differentiated by autograd.
     With its inputs, parameters, buffers and grad_output already allocated, the
@@ -132,7 +108,7 @@ def test_the_real_forward_and_backward_peak_at_the_simulated_bytes(wrapped_net):
         def run(net=net):
             net(x).backward(grad)
 
-        peaks[name] = base + _allocator_peak(run)
+        peaks[name] = base + added_peak_bytes(run)
         net.zero_grad(set_to_none=True)
     sim = acopt.simulate(wrapped.profile, wrapped.plan)
     assert peaks["wrapped"] == sim.peak_bytes
