@@ -10,10 +10,18 @@ undoing its plan. The graph is cut, in node order, into *segments*:
   blocks are compiled inside the backward graph, where no forward value
   exists that common-subexpression elimination could merge them into, and
   from where no scheduler can hoist them into the forward;
-* nodes that must draw from the eager generator run eagerly, one by one, as
-  their own segments: random ops (dropout), :func:`acopt.rng.save` and
-  :func:`acopt.rng.replay`. Their numbers are therefore eager PyTorch's own,
-  and a replay draws the forward's mask exactly (inductor's RNG never runs);
+* nodes that draw from the eager generator (random ops such as dropout's
+  ``bernoulli``, :func:`acopt.rng.save`, :func:`acopt.rng.replay`) do not cut
+  the graph: :mod:`acopt.inductor_rng` replaces them in the compiled graph by
+  custom operators that inductor calls as fallback kernels, which run the eager
+  op on eager PyTorch's generator, chained by a token tensor (a data
+  dependency) so they run in the graph's order, marked side-effectful and
+  random so no pass removes or merges one, and given eager's strides. Masks are
+  therefore eager PyTorch's own, the generator advances as in the eager step,
+  and a replay draws the forward's mask exactly (inductor's RNG never runs). A
+  random op that cannot be lowered (an argument that does not encode, an
+  in-place op on a tensor something else reads) still runs eagerly as its own
+  segment, as do all of them with ``segments_of(..., compile_random=False)``;
 * nodes that read a live hyperparameter (a Python float computed from
   ``param_groups`` at each call) run eagerly too, so no hyperparameter is
   baked into a kernel as a constant; an optimizer step that reads one runs
@@ -47,7 +55,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from acopt import rng
+from acopt import inductor_rng, rng
 from acopt.errors import UnsupportedStep
 from acopt.records import Region
 from acopt.tracer import REGION_KEY, TracedStep, is_random
@@ -68,10 +76,12 @@ class Segment:
     fn: Callable[[list], Any] | None = None
 
 
-def _is_eager(node: fx.Node, scalars: set[str]) -> bool:
-    if node.target in (rng.save, rng.replay) or is_random(node):
+def _is_eager(node: fx.Node, scalars: set[str], *, compile_random: bool = True) -> bool:
+    if any(a.name in scalars for a in node.all_input_nodes):
         return True
-    return any(a.name in scalars for a in node.all_input_nodes)
+    if node.target in (rng.save, rng.replay) or is_random(node):  # eager's generator, in eager's order
+        return not (compile_random and inductor_rng.lowerable(node))
+    return False
 
 
 def _scalar_values(gm: fx.GraphModule) -> set[str]:
@@ -91,13 +101,18 @@ def _scalar_values(gm: fx.GraphModule) -> set[str]:
     return out
 
 
-def segments_of(gm: fx.GraphModule) -> list[Segment]:
-    """Cut ``gm``'s nodes (placeholders and output aside) into segments, in order."""
+def segments_of(gm: fx.GraphModule, *, compile_random: bool = True) -> list[Segment]:
+    """Cut ``gm``'s nodes (placeholders and output aside) into segments, in order.
+
+    ``compile_random=False``: every random op, rng.save and rng.replay is an eager
+    segment of its own (the behaviour before :mod:`acopt.inductor_rng`)."""
     scalars = _scalar_values(gm)
     # An optimizer step that reads hyperparameters runs eagerly as a whole: compiling
     # its tensor-only ops between the scalar ones would give many tiny graphs.
     eager_optimizer = any(
-        _is_eager(n, scalars) for n in gm.graph.nodes if n.op == "call_function" and n.meta.get(REGION_KEY) == Region.OPTIMIZER
+        _is_eager(n, scalars, compile_random=compile_random)
+        for n in gm.graph.nodes
+        if n.op == "call_function" and n.meta.get(REGION_KEY) == Region.OPTIMIZER
     )
     segments: list[Segment] = []
     where: dict[str, int] = {}
@@ -110,7 +125,9 @@ def segments_of(gm: fx.GraphModule) -> list[Segment]:
         elif n.target is operator.getitem and n.args[0].name in where:
             eager = not segments[where[n.args[0].name]].compiled
         else:
-            eager = _is_eager(n, scalars) or (eager_optimizer and n.meta.get(REGION_KEY) == Region.OPTIMIZER)
+            eager = _is_eager(n, scalars, compile_random=compile_random) or (
+                eager_optimizer and n.meta.get(REGION_KEY) == Region.OPTIMIZER
+            )
         forward = n.meta.get(REGION_KEY) == Region.FORWARD
         if eager or not segments or segments[-1].compiled is eager or phase != forward:
             if n.target is operator.getitem and segments and where.get(n.args[0].name) == len(segments) - 1:
@@ -120,7 +137,13 @@ def segments_of(gm: fx.GraphModule) -> list[Segment]:
         phase = forward
         segments[-1].nodes.append(n)
         where[n.name] = len(segments) - 1
+    for n in gm.graph.nodes:  # a saved state read by a compiled segment: a host uint8 tensor
+        if n.target is rng.save and where.get(n.name) is not None and "val" not in n.meta:
+            n.meta["val"] = torch.empty(rng.state_bytes(n.args[0]), dtype=torch.uint8)
     _wire(gm, segments, where)
+    for seg in segments:  # the eager-generator draws of a compiled segment: custom operators, chained
+        if seg.compiled and seg.graph_module is not None:
+            inductor_rng.lower(seg.graph_module)
     return segments
 
 

@@ -9,10 +9,13 @@ within the budget.
 
 from __future__ import annotations
 
+import copy
+import operator
+
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 import acopt
 from acopt import rng
@@ -73,26 +76,43 @@ def _planned(budget="90%", pair=None):
 
 
 def test_segments_keep_the_plan_and_replay_the_forward_mask():
-    """The cut puts random ops and rng save/replay in eager segments, never mixes
-    forward and backward in one compiled graph, and the forward's compiled graphs
-    return no value the plan recomputes. Run (every activation recomputed: the
-    dropout is replayed in the backward), the compiled step equals eager PyTorch."""
+    """The cut never mixes forward and backward in one compiled graph, the forward's
+    compiled graphs return no value the plan recomputes, and the random op, rng.save
+    and rng.replay run inside the compiled graphs as acopt's custom operators (the
+    eager generator's draws), chained by their tokens in graph order: no graph cut.
+    Run (every activation recomputed: the dropout is replayed in the backward), the
+    compiled step equals eager PyTorch."""
     (m1, o1), (m2, o2) = _pair()
     _, _, plan, rewritten = _planned(None, pair=(m2, o2))
     assert sum(n.target is rng.replay for n in rewritten.graph.nodes) >= 1, "the plan must replay the dropout"
     segments = segments_of(rewritten.graph_module)
     random_seen = 0
+    lowered = {torch.ops.acopt.draw.default, torch.ops.acopt.save.default, torch.ops.acopt.replay.default}
     for seg in segments:
         regions = {n.meta[REGION_KEY] == Region.FORWARD for n in seg.nodes}
         if seg.compiled:
             assert len(regions) == 1, "a compiled graph mixes forward and backward nodes"
-            assert not any(is_random(n) or n.target in (rng.save, rng.replay) for n in seg.nodes)
             if regions == {True}:
                 assert not set(seg.outputs) & set(plan), "the forward graph returns a recomputed activation"
+            nodes = list(seg.graph_module.graph.nodes)
+            calls = [n for n in nodes if n.target in lowered]
+            assert calls and not any(
+                is_random(n) or n.target in (rng.save, rng.replay) for n in nodes if n not in calls
+            )
+            for before, call in zip([None, *calls], calls):  # each takes the previous one's token
+                after = call.args[0]
+                assert (
+                    (after is None)
+                    if before is None
+                    else (after.target is operator.getitem and after.args[0] is before)
+                )
         random_seen += sum(is_random(n) for n in seg.nodes)
     blocks = [n for s in segments if s.compiled for n in s.nodes if BLOCK_KEY in n.meta]
     assert blocks, "the recompute blocks are not in a compiled graph"
-    assert random_seen == 1  # the dropout, run eagerly in the forward
+    assert random_seen == 1  # the dropout, in the forward
+    compiled = [s for s in segments if s.compiled]
+    assert len(compiled) == 2, "forward and backward: one compiled graph each"
+    assert any(n.target is rng.replay for n in compiled[1].nodes) and any(is_random(n) for n in compiled[0].nodes)
     step = compile_inductor(rewritten)
     for i in range(2):
         xb, yb = batch(i)
@@ -233,3 +253,135 @@ def test_a_saved_plan_is_refused_with_the_inductor_backend(tmp_path, capsys):
     saved.write_text("{}")
     assert main(["run", "mlp", "--batch-size", "8", "--backend", "inductor", "--plan", str(saved)]) == 2
     assert "--backend inductor chooses its plan" in capsys.readouterr().err
+
+
+class _TwoDropouts(nn.Module):
+    """Two dropouts (one on a transposed, non-contiguous view: its mask depends on the
+    layout) and a draw whose result is unused: the generator must still advance."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.a, self.b, self.c = nn.Linear(8, 48), nn.Linear(48, 48), nn.Linear(48, 4)
+
+    def forward(self, x):
+        h = F.dropout(torch.tanh(self.a(x)), 0.5, training=True)
+        g = F.dropout(torch.sigmoid(self.b(h)).t(), 0.25, training=True).t()
+        torch.rand_like(g)  # drawn, unused
+        return self.c(g), h == 0, g == 0
+
+
+def _two_dropouts_step(model, optimizer, x, y):
+    optimizer.zero_grad()
+    out, mask1, mask2 = model(x)
+    loss = F.cross_entropy(out, y)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), mask1, mask2
+
+
+def test_compiled_draws_keep_eager_generator_order(monkeypatch):
+    """Two dropouts, an unused draw and the replays of the first dropout (every
+    activation recomputed), all inside compiled graphs: the masks equal eager
+    PyTorch's bitwise, the loss and parameters at rounding, the CPU generator is
+    where eager leaves it after each step, and the draws run in the graph's order
+    (forward: the two dropouts and the unused draw; backward: the replays)."""
+    from acopt import inductor_rng
+
+    def pair():
+        m = _TwoDropouts()
+        return m, torch.optim.SGD(m.parameters(), lr=0.1)
+
+    (m1, o1), (m2, o2) = pair(), pair()
+    x, y = batch(rows=64)
+    traced = acopt.trace(_two_dropouts_step, m2, o2, x, y)
+    prof = acopt.profile(traced, x, y, warmup=0, iterations=1)
+    rewritten = acopt.rewrite(traced, frozenset(a.name for a in prof.activations if a.recomputable), profile=prof)
+    graph = rewritten.graph_module.graph
+    replays = [n for n in graph.nodes if n.target is rng.replay]
+    assert len(replays) >= 2, "the plan must replay the first dropout (for several blocks)"
+    step = compile_inductor(rewritten)
+    assert sum(s.compiled for s in step.runner.segments) == 2
+    assert all(s.compiled or not is_random(n) for s in step.runner.segments for n in s.nodes)
+    expected = [("draw" if is_random(n) else "replay", n.meta["val"].shape) for n in graph.nodes
+                if is_random(n) or n.target is rng.replay]  # fmt: skip
+    calls = []
+    real_call = inductor_rng._call
+
+    def logged(op, spec, tensors, *, check):
+        out = real_call(op, spec, tensors, check=check)
+        if check:  # the real call, not the fake one while compiling
+            calls.append(("replay" if _in_replay[0] else "draw", out[0].shape))
+        return out
+
+    _in_replay = [False]
+    real_replay = rng.replay
+
+    def replay(*a, **k):
+        _in_replay[0] = True
+        try:
+            return real_replay(*a, **k)
+        finally:
+            _in_replay[0] = False
+
+    monkeypatch.setattr(inductor_rng, "_call", logged)
+    monkeypatch.setattr(inductor_rng.rng, "replay", replay)
+    for i in range(2):
+        xb, yb = batch(i, rows=64)
+        torch.manual_seed(20 + i)
+        l1, a1, b1 = _two_dropouts_step(m1, o1, xb, yb)
+        after_eager = torch.get_rng_state()
+        torch.manual_seed(20 + i)
+        calls.clear()
+        l2, a2, b2 = step(xb, yb)
+        assert calls == expected, "the draws ran out of the graph's order"
+        assert torch.equal(a2, a1) and torch.equal(b2, b1), "a mask differs from eager PyTorch's"
+        assert torch.equal(torch.get_rng_state(), after_eager), "the generator is not where eager left it"
+        torch.testing.assert_close(l2, l1, rtol=RTOL, atol=ATOL)
+        _assert_close(m1, m2)
+
+
+def test_lowered_draws_run_eager_ops_with_their_arguments():
+    """acopt.inductor_rng on a hand-made graph, run without inductor: the custom
+    operators draw what the eager ops draw (keyword dtype, an in-place op on a fresh
+    tensor, a multi-output op), leave the generator where they do, refuse a tensor
+    whose strides differ from the traced ones, and an in-place op on a tensor read
+    elsewhere is not lowered."""
+    from acopt import inductor_rng
+
+    aten = torch.ops.aten
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    x.meta["val"] = torch.empty(6, 5)
+    a = graph.call_function(aten.rand_like.default, (x,), {"dtype": torch.float64})
+    e = graph.call_function(aten.empty_like.default, (x,))
+    e.meta["val"] = torch.empty(6, 5)
+    b = graph.call_function(aten.bernoulli_.float, (e, 0.3))
+    c = graph.call_function(aten.native_dropout.default, (x, 0.5, True))
+    graph.output((a, b, graph.call_function(operator.getitem, (c, 0)), graph.call_function(operator.getitem, (c, 1))))
+    gm = fx.GraphModule(nn.Module(), graph)
+    assert all(inductor_rng.lowerable(n) for n in (a, b, c))
+    eager = fx.GraphModule(nn.Module(), copy.deepcopy(graph))
+    assert inductor_rng.lower(gm) == 3
+    assert not any(
+        n.target in (aten.rand_like.default, aten.bernoulli_.float, aten.empty_like.default) for n in gm.graph.nodes
+    )
+    xt = torch.randn(6, 5)
+    torch.manual_seed(5)
+    want = eager(xt)
+    after = torch.get_rng_state()
+    torch.manual_seed(5)
+    got = gm(xt)
+    assert all(torch.equal(g, w) and g.dtype == w.dtype for g, w in zip(got, want, strict=True))
+    assert torch.equal(torch.get_rng_state(), after)
+    with pytest.raises(RuntimeError, match="not eager's"):
+        gm(torch.randn(5, 6).t())
+
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    x.meta["val"] = torch.empty(4)
+    e = graph.call_function(aten.empty_like.default, (x,))
+    e.meta["val"] = torch.empty(4)
+    b = graph.call_function(aten.uniform_.default, (e,))
+    graph.output((b, e))  # the written tensor is read elsewhere too
+    assert not inductor_rng.lowerable(b)

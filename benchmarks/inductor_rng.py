@@ -1,0 +1,63 @@
+"""Random ops inside the compiled graphs (acopt.inductor_rng) vs an eager graph cut at
+each of them: compiled-segment count, measured peak and step time of acopt's
+compiled step, the two variants built from the same plan and timed interleaved.
+
+    python benchmarks/inductor_rng.py transformer 32 100% 70% 50%
+
+Per budget: the greedy's plan (eager model, no margin), then per variant the number
+of compiled graphs, of nodes run eagerly (the optimizer's included), the measured
+peak (acopt.inductor.measure_graph_peak) and the median thread CPU time of a step
+over ``ROUNDS`` alternating rounds; the last column is the time ratio in-graph /
+cut. (Both variants draw eager PyTorch's masks: tests/test_inductor.py checks them.)
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+
+import torch
+
+import acopt
+from acopt import models
+from acopt.inductor import compile_inductor, measure_graph_peak, segments_of
+
+ROUNDS = 30
+
+
+def _variants(rewritten):
+    cut = compile_inductor(rewritten)
+    cut.runner.segments = segments_of(rewritten.graph_module, compile_random=False)
+    return {"cut": cut, "in-graph": compile_inductor(rewritten)}
+
+
+def main(argv: list[str]) -> None:
+    name, batch_size, *budgets = argv
+    torch.set_num_threads(1)
+    w = models.build(name, batch_size=int(batch_size), device="cpu", seed=0)
+    traced = acopt.trace(w.train_step, w.model, w.optimizer, *w.batch)
+    prof = acopt.profile(traced, *w.batch)
+    print(f"{name} batch {batch_size}: no-recompute peak {prof.peak_bytes} B, floor {acopt.floor(prof)} B")
+    for budget in budgets:
+        plan = acopt.plan(prof, budget=budget)
+        rewritten = acopt.rewrite(traced, plan, profile=prof)
+        steps = _variants(rewritten)
+        for label, step in steps.items():
+            peak = measure_graph_peak(step, *w.batch)  # compiles, then measures
+            s = step.runner.summary()
+            print(f"  {budget} (recompute {len(plan.recompute)}) {label}: {s['compiled_segments']} compiled graphs, "
+                  f"{s['eager_nodes']} eager nodes, measured peak {peak} B", flush=True)  # fmt: skip
+        times: dict[str, list[float]] = {k: [] for k in steps}
+        for _ in range(ROUNDS):
+            for label, step in steps.items():
+                t0 = time.thread_time()
+                step(*w.batch)
+                times[label].append(time.thread_time() - t0)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        print(f"  {budget}: step time (median thread CPU s) cut {med['cut']:.4f}, in-graph {med['in-graph']:.4f}, "
+              f"ratio in-graph/cut {med['in-graph'] / med['cut']:.3f}", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
