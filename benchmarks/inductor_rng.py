@@ -2,7 +2,11 @@
 each of them: compiled-segment count, measured peak and step time of acopt's
 compiled step, the two variants built from the same plan and timed interleaved.
 
-    python benchmarks/inductor_rng.py transformer 32 100% 70% 50%
+    PYTHONPATH=. python benchmarks/inductor_rng.py transformer 32 100% 70% 50%
+    PYTHONPATH=. python benchmarks/inductor_rng.py gpt2 8 seq_len=128 vocab_size=8192 d_model=256 n_layers=4 n_heads=4 act50%
+
+Arguments after the batch size: model arguments (``key=value``, integers) and
+budgets (acopt's syntax, e.g. ``70%``, ``act50%``, or bytes).
 
 Per budget: the greedy's plan (eager model, no margin), then per variant the number
 of compiled graphs, of nodes run eagerly (the optimizer's included), the measured
@@ -33,9 +37,11 @@ def _variants(rewritten):
 
 
 def main(argv: list[str]) -> None:
-    name, batch_size, *budgets = argv
+    name, batch_size, *rest = argv
+    model_args = {k: int(v) for k, v in (a.split("=") for a in rest if "=" in a)}
+    budgets = [int(b) if b.isdigit() else b for b in rest if "=" not in b]
     torch.set_num_threads(1)
-    w = models.build(name, batch_size=int(batch_size), device="cpu", seed=0)
+    w = models.build(name, batch_size=int(batch_size), device="cpu", seed=0, **model_args)
     traced = acopt.trace(w.train_step, w.model, w.optimizer, *w.batch)
     prof = acopt.profile(traced, *w.batch)
     print(f"{name} batch {batch_size}: no-recompute peak {prof.peak_bytes} B, floor {acopt.floor(prof)} B")
