@@ -14,20 +14,28 @@ eager op, called from the compiled graph):
 
 Each returns its results and a fresh empty *token* tensor, which the next of
 these calls in the segment takes as ``after``: a data dependency, so the calls
-run in the graph's order whatever inductor's scheduler does (the first takes
-``None``). The operators carry the ``nondeterministic_seeded`` tag, so
-AOTAutograd's CSE never merges two of them and no dead-code pass removes one
-whose results are unused (``torch._library.utils.is_impure``), and
-``needs_exact_strides``, so each tensor reaches the op with the strides it has
-in eager PyTorch; ``spec`` records those strides (from the traced graph) and
-the call refuses others, since the layout decides which element gets which
+run in the graph's order whatever inductor's scheduler does (checked with its
+reordering passes on, tests/test_inductor.py; the first takes ``None``), and no
+two are identical calls that a common-subexpression pass could merge (none runs
+on this path: AOTAutograd's is in the min-cut partitioner, which inference
+graphs skip). The operators are registered side-effectful
+(``torch.fx.node.has_side_effect``): dead-code elimination under inductor
+treats random ops as pure (``impure_random`` follows ``fallback_random``) and
+removed an unused ``rand_like``, so the generator did not advance as eager's
+does. They carry the ``nondeterministic_seeded`` tag (inductor's scheduler keeps
+such fallback kernels) and ``needs_exact_strides``, so each tensor reaches the
+op with the strides of the traced graph; ``spec`` records those strides and
+the call refuses others, since the layout can decide which element gets which
 number.
 
 ``op`` names the ATen overload ("aten::bernoulli.p") and ``spec`` encodes its
 non-tensor arguments as JSON, so a compiled graph is self-contained (a cached
-graph cannot call a different op than its text says). Only ops that return
-fresh tensors (no mutated, no aliased argument) whose arguments encode are
-lowered (:func:`lowerable`); others stay eager graph cuts.
+graph cannot call a different op than its text says). Lowered (:func:`lowerable`):
+ops that return fresh tensors, and in-place ones (dropout on a non-contiguous
+input: ``empty_like`` + ``bernoulli_``) whose written tensor nothing else reads
+(made afresh as eager made it, or copied), all of whose arguments are tensors,
+numbers, strings, dtypes, devices, layouts, memory formats or lists of them.
+Others stay eager graph cuts (:func:`acopt.inductor.segments_of`).
 """
 
 from __future__ import annotations
@@ -211,7 +219,7 @@ def _random_target(node: fx.Node) -> tuple[Any, tuple, dict] | None:
         return None
     if node.target is rng.replay:
         return node.args[2], node.args[3:], dict(node.kwargs)
-    if is_random(node):
+    if is_random(node) and node.target.namespace != "acopt":  # not one of ours, already lowered
         return node.target, node.args, dict(node.kwargs)
     return None
 

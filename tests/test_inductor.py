@@ -280,13 +280,28 @@ def _two_dropouts_step(model, optimizer, x, y):
     return loss.detach(), mask1, mask2
 
 
-def test_compiled_draws_keep_eager_generator_order(monkeypatch):
+@pytest.mark.parametrize(
+    "patches",
+    [
+        pytest.param({}, id="acopt-settings"),
+        pytest.param(
+            {"reorder_for_locality": True, "reorder_for_peak_memory": True},
+            id="inductor-reorderings",
+            marks=pytest.mark.slow,
+        ),
+    ],
+)
+def test_compiled_draws_keep_eager_generator_order(monkeypatch, patches):
     """Two dropouts, an unused draw and the replays of the first dropout (every
     activation recomputed), all inside compiled graphs: the masks equal eager
     PyTorch's bitwise, the loss and parameters at rounding, the CPU generator is
     where eager leaves it after each step, and the draws run in the graph's order
-    (forward: the two dropouts and the unused draw; backward: the replays)."""
+    (forward: the two dropouts and the unused draw; backward: the replays), also
+    with inductor's reordering passes on (the token chain orders them)."""
+    import functools
+
     from acopt import inductor_rng
+    from acopt.inductor import _inductor_segment
 
     def pair():
         m = _TwoDropouts()
@@ -300,7 +315,7 @@ def test_compiled_draws_keep_eager_generator_order(monkeypatch):
     graph = rewritten.graph_module.graph
     replays = [n for n in graph.nodes if n.target is rng.replay]
     assert len(replays) >= 2, "the plan must replay the first dropout (for several blocks)"
-    step = compile_inductor(rewritten)
+    step = compile_inductor(rewritten, compile_segment=functools.partial(_inductor_segment, config_patches=patches))
     assert sum(s.compiled for s in step.runner.segments) == 2
     assert all(s.compiled or not is_random(n) for s in step.runner.segments for n in s.nodes)
     expected = [("draw" if is_random(n) else "replay", n.meta["val"].shape) for n in graph.nodes
@@ -363,6 +378,7 @@ def test_lowered_draws_run_eager_ops_with_their_arguments():
     assert all(inductor_rng.lowerable(n) for n in (a, b, c))
     eager = fx.GraphModule(nn.Module(), copy.deepcopy(graph))
     assert inductor_rng.lower(gm) == 3
+    assert inductor_rng.lower(gm) == 0  # its own operators are left alone
     assert not any(
         n.target in (aten.rand_like.default, aten.bernoulli_.float, aten.empty_like.default) for n in gm.graph.nodes
     )
