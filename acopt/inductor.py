@@ -10,6 +10,16 @@ undoing its plan. The graph is cut, in node order, into *segments*:
   blocks are compiled inside the backward graph, where no forward value
   exists that common-subexpression elimination could merge them into, and
   from where no scheduler can hoist them into the forward;
+* a new segment starts where a recompute block starts and where it ends, so
+  each block is its own compiled graph (or several, cut by its random ops).
+  Inside one graph inductor fuses kernels of different blocks: the replayed
+  layer norms of four blocks that read the same input ran as one kernel at
+  the first block, their four outputs alive at once; a block's final
+  reduction (batch-norm statistics) was fused into a later kernel, keeping
+  the block's replayed convolution alive past the block's end. The eager
+  model frees each block's intermediates at the block's end; across a graph
+  boundary no kernel can keep them longer (docs/memory-model.md, "Compiled
+  steps");
 * nodes that must draw from the eager generator run eagerly, one by one, as
   their own segments: random ops (dropout), :func:`acopt.rng.save` and
   :func:`acopt.rng.replay`. Their numbers are therefore eager PyTorch's own,
@@ -50,6 +60,7 @@ from torch import fx
 from acopt import rng
 from acopt.errors import UnsupportedStep
 from acopt.records import Region
+from acopt.rewriter import BLOCK_KEY
 from acopt.tracer import REGION_KEY, TracedStep, is_random
 
 __all__ = ["Fitted", "InductorStep", "compile_inductor", "fit_compiled", "measure_graph_peak", "segments_of"]
@@ -101,7 +112,7 @@ def segments_of(gm: fx.GraphModule) -> list[Segment]:
     )
     segments: list[Segment] = []
     where: dict[str, int] = {}
-    phase = None
+    phase = block = None
     for n in gm.graph.nodes:
         if n.op in ("placeholder", "output"):
             continue
@@ -112,12 +123,13 @@ def segments_of(gm: fx.GraphModule) -> list[Segment]:
         else:
             eager = _is_eager(n, scalars) or (eager_optimizer and n.meta.get(REGION_KEY) == Region.OPTIMIZER)
         forward = n.meta.get(REGION_KEY) == Region.FORWARD
-        if eager or not segments or segments[-1].compiled is eager or phase != forward:
+        new_block = n.meta.get(BLOCK_KEY) != block  # a recompute block starts or ends: no fusion across it
+        if eager or not segments or segments[-1].compiled is eager or phase != forward or new_block:
             if n.target is operator.getitem and segments and where.get(n.args[0].name) == len(segments) - 1:
                 pass  # a getitem stays with the tuple it reads
             else:
                 segments.append(Segment(compiled=not eager, nodes=[]))
-        phase = forward
+        phase, block = forward, n.meta.get(BLOCK_KEY)
         segments[-1].nodes.append(n)
         where[n.name] = len(segments) - 1
     _wire(gm, segments, where)
