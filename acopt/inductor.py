@@ -10,15 +10,16 @@ undoing its plan. The graph is cut, in node order, into *segments*:
   blocks are compiled inside the backward graph, where no forward value
   exists that common-subexpression elimination could merge them into, and
   from where no scheduler can hoist them into the forward;
-* a new segment starts where a recompute block starts and where it ends, so
-  each block is its own compiled graph (or several, cut by its random ops).
-  Inside one graph inductor fuses kernels of different blocks: the replayed
-  layer norms of four blocks that read the same input ran as one kernel at
-  the first block, their four outputs alive at once; a block's final
-  reduction (batch-norm statistics) was fused into a later kernel, keeping
-  the block's replayed convolution alive past the block's end. The eager
-  model frees each block's intermediates at the block's end; across a graph
-  boundary no kernel can keep them longer (docs/memory-model.md, "Compiled
+* a recompute block ends its segment: no compiled graph holds nodes of two
+  blocks, nor a block and any node after it. Inside one backward graph
+  inductor fused kernels across blocks: the replayed layer norms of four
+  blocks that read the same input ran as one kernel at the first block,
+  their four outputs alive at once; a block's final reduction (batch-norm
+  statistics) was fused into a later kernel, keeping the block's replayed
+  convolution alive past the block's end. The eager model frees a block's
+  intermediates at its end; a graph boundary there keeps them from living
+  longer. The backward nodes before a block share its graph, so fusion
+  across that side still saves memory (docs/memory-model.md, "Compiled
   steps");
 * nodes that must draw from the eager generator run eagerly, one by one, as
   their own segments: random ops (dropout), :func:`acopt.rng.save` and
@@ -123,8 +124,8 @@ def segments_of(gm: fx.GraphModule) -> list[Segment]:
         else:
             eager = _is_eager(n, scalars) or (eager_optimizer and n.meta.get(REGION_KEY) == Region.OPTIMIZER)
         forward = n.meta.get(REGION_KEY) == Region.FORWARD
-        new_block = n.meta.get(BLOCK_KEY) != block  # a recompute block starts or ends: no fusion across it
-        if eager or not segments or segments[-1].compiled is eager or phase != forward or new_block:
+        block_ended = block is not None and n.meta.get(BLOCK_KEY) != block  # no fusion past a block's end
+        if eager or not segments or segments[-1].compiled is eager or phase != forward or block_ended:
             if n.target is operator.getitem and segments and where.get(n.args[0].name) == len(segments) - 1:
                 pass  # a getitem stays with the tuple it reads
             else:

@@ -104,16 +104,22 @@ def test_segments_keep_the_plan_and_replay_the_forward_mask():
         _assert_close(m1, m2)
 
 
-def test_each_recompute_block_is_its_own_compiled_graph():
-    """No compiled graph holds nodes of two recompute blocks, or of a block and
-    the backward around it: inside one graph inductor fuses kernels across
-    blocks and keeps a block's intermediates alive past its end
-    (docs/memory-model.md, "Compiled steps")."""
+def test_a_recompute_block_ends_its_compiled_graph():
+    """No compiled graph holds nodes of two recompute blocks, or a block and a
+    node after it: inside one graph inductor fused kernels across blocks and
+    kept a block's intermediates alive past its end (docs/memory-model.md,
+    "Compiled steps")."""
     _, _, _plan, rewritten = _planned(None)
     segments = segments_of(rewritten.graph_module)
-    blocks = [{n.meta.get(BLOCK_KEY) for n in seg.nodes} for seg in segments if seg.compiled]
-    assert all(len(b) == 1 for b in blocks), "a compiled graph mixes recompute blocks"
-    assert sum(None not in b for b in blocks) >= 2, "the plan must have several compiled blocks"
+    with_block = 0
+    for seg in segments:
+        if not seg.compiled:
+            continue
+        keys = [n.meta.get(BLOCK_KEY) for n in seg.nodes]
+        first = next((i for i, k in enumerate(keys) if k is not None), len(keys))
+        assert len(set(keys[first:])) <= 1, f"a compiled graph runs past the block of {keys[first]!r}"
+        with_block += first < len(keys)
+    assert with_block >= 2, "the plan must have several compiled blocks"
 
 
 def _conv_net() -> nn.Module:
@@ -135,8 +141,8 @@ UNREAD_INPUT_SLACK = 4096
 def test_recompute_heavy_compiled_step_stays_under_the_eager_model():
     """Every activation recomputed (batch-norm statistics and convolutions replayed
     in separate blocks): the compiled step's measured peak is the eager model's,
-    up to the unread-input slack. With the blocks compiled in one backward graph
-    it measured 549 284 B against 434 308 B simulated."""
+    up to the unread-input slack (313 924 B against 434 308 B simulated). With
+    the blocks compiled in one backward graph it measured 549 284 B."""
     model = _conv_net()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 4, (8,))
