@@ -10,17 +10,18 @@ undoing its plan. The graph is cut, in node order, into *segments*:
   blocks are compiled inside the backward graph, where no forward value
   exists that common-subexpression elimination could merge them into, and
   from where no scheduler can hoist them into the forward;
-* a recompute block ends its segment: no compiled graph holds nodes of two
-  blocks, nor a block and any node after it. Inside one backward graph
-  inductor fused kernels across blocks: the replayed layer norms of four
-  blocks that read the same input ran as one kernel at the first block,
-  their four outputs alive at once; a block's final reduction (batch-norm
-  statistics) was fused into a later kernel, keeping the block's replayed
-  convolution alive past the block's end. The eager model frees a block's
-  intermediates at its end; a graph boundary there keeps them from living
-  longer. The backward nodes before a block share its graph, so fusion
-  across that side still saves memory (docs/memory-model.md, "Compiled
-  steps");
+* with ``cut_blocks``, a recompute block also ends its segment: no compiled
+  graph holds nodes of two blocks, nor a block and a node after it. Inside
+  one backward graph inductor may fuse kernels across blocks: the replayed
+  layer norms of four blocks that read the same input ran as one kernel at
+  the first block, their four outputs alive at once; a block's final
+  reduction (batch-norm statistics) was fused into a later kernel, keeping
+  the block's replayed convolution alive past the block's end. A graph
+  boundary at a block's end keeps the block's intermediates from outliving
+  it, as in the eager model; but it also forgoes fusing a block into its
+  consumers, which often saves more (docs/memory-model.md, "Compiled
+  steps"). :func:`fit_compiled` compiles without the cut and compiles the
+  plan again with it when the measured peak exceeds the eager model's;
 * nodes that must draw from the eager generator run eagerly, one by one, as
   their own segments: random ops (dropout), :func:`acopt.rng.save` and
   :func:`acopt.rng.replay`. Their numbers are therefore eager PyTorch's own,
@@ -103,8 +104,9 @@ def _scalar_values(gm: fx.GraphModule) -> set[str]:
     return out
 
 
-def segments_of(gm: fx.GraphModule) -> list[Segment]:
-    """Cut ``gm``'s nodes (placeholders and output aside) into segments, in order."""
+def segments_of(gm: fx.GraphModule, *, cut_blocks: bool = False) -> list[Segment]:
+    """Cut ``gm``'s nodes (placeholders and output aside) into segments, in order;
+    ``cut_blocks``: a recompute block also ends its segment."""
     scalars = _scalar_values(gm)
     # An optimizer step that reads hyperparameters runs eagerly as a whole: compiling
     # its tensor-only ops between the scalar ones would give many tiny graphs.
@@ -124,7 +126,7 @@ def segments_of(gm: fx.GraphModule) -> list[Segment]:
         else:
             eager = _is_eager(n, scalars) or (eager_optimizer and n.meta.get(REGION_KEY) == Region.OPTIMIZER)
         forward = n.meta.get(REGION_KEY) == Region.FORWARD
-        block_ended = block is not None and n.meta.get(BLOCK_KEY) != block  # no fusion past a block's end
+        block_ended = cut_blocks and block is not None and n.meta.get(BLOCK_KEY) != block  # no fusion past a block
         if eager or not segments or segments[-1].compiled is eager or phase != forward or block_ended:
             if n.target is operator.getitem and segments and where.get(n.args[0].name) == len(segments) - 1:
                 pass  # a getitem stays with the tuple it reads
@@ -185,9 +187,11 @@ def _segment_module(gm: fx.GraphModule, seg: Segment) -> fx.GraphModule:
 class _Runner:
     """Runs the segments in order; callable like the rewritten GraphModule."""
 
-    def __init__(self, gm: fx.GraphModule, *, compile_segment: Callable[[fx.GraphModule, list], Callable]):
+    def __init__(
+        self, gm: fx.GraphModule, *, compile_segment: Callable[[fx.GraphModule, list], Callable], cut_blocks: bool = False
+    ):
         self._gm = gm
-        self.segments = segments_of(gm)
+        self.segments = segments_of(gm, cut_blocks=cut_blocks)
         self._placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
         self._output = next(n for n in gm.graph.nodes if n.op == "output")
         self._compile_segment = compile_segment
@@ -259,15 +263,16 @@ class InductorStep(TracedStep):
         return self.runner(*inputs)
 
 
-def compile_inductor(step: TracedStep, *, compile_segment: Callable | None = None) -> InductorStep:
-    """``step`` (a traced or rewritten step) run by inductor; segments compile at the first call."""
+def compile_inductor(step: TracedStep, *, compile_segment: Callable | None = None, cut_blocks: bool = False) -> InductorStep:
+    """``step`` (a traced or rewritten step) run by inductor; segments compile at the first call.
+    ``cut_blocks``: each recompute block ends its compiled graph (:func:`segments_of`)."""
     if step._b.grad_mode:
         raise UnsupportedStep(
             "backend='inductor' does not run steps whose kernels depend on grad mode "
             "(the mkldnn RNN); use backend='eager'"
         )
     out = InductorStep(graph_module=step.graph_module, binding=step._b, provenance={**step.provenance, "backend": "inductor"})
-    out.runner = _Runner(step.graph_module, compile_segment=compile_segment or _inductor_segment)
+    out.runner = _Runner(step.graph_module, compile_segment=compile_segment or _inductor_segment, cut_blocks=cut_blocks)
     return out
 
 
@@ -328,7 +333,9 @@ def fit_compiled(
     ``budget`` (docs/memory-model.md, "Compiled steps"), among at most ``attempts``.
 
     Plan with the eager memory model for the budget (for the floor, if the budget
-    is below the eager floor: fusion may still fit it), compile, measure. Over the
+    is below the eager floor: fusion may still fit it), compile, measure (a plan
+    measuring above the eager model is compiled again with ``cut_blocks``, and
+    the lower of the two kept: docs/memory-model.md, "Compiled steps"). Over the
     budget: plan again for the budget minus the excess (a margin), down to the
     floor. Within it by a slack of more than 1%: plan again for that much more
     (fewer recomputations) while the result still fits. If even the floor's plan
@@ -355,9 +362,15 @@ def fit_compiled(
         chosen = plan(prof, budget=max(planning, lowest), solver=solver, **options)
         key = frozenset(chosen.recompute)
         if key not in tried:
-            step = compile_inductor(rewrite(traced, chosen, profile=prof))
+            rewritten = rewrite(traced, chosen, profile=prof)
+            step = compile_inductor(rewritten)
             measured = measure_graph_peak(step, *batch)
             sim = simulate(prof, chosen).peak_bytes
+            if measured > sim:  # fusion across recompute blocks? Cut at each block's end and keep the lower.
+                cut = compile_inductor(rewritten, cut_blocks=True)
+                cut_measured = measure_graph_peak(cut, *batch)
+                if cut_measured < measured:
+                    step, measured = cut, cut_measured
             tried[key] = Fitted(step, chosen, target, sim, measured, chosen.budget_bytes, len(tried) + 1)
         return tried[key]
 
