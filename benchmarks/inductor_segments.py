@@ -4,7 +4,7 @@ nodes against the allocator's peak while the segment runs, and the allocations
 alive at the step's measured peak (docs/memory-model.md, "Compiled steps").
 
     python benchmarks/inductor_segments.py transformer 32 40% --plan /tmp/t40.plan.json
-    python benchmarks/inductor_segments.py cnn 32 floor
+    python benchmarks/inductor_segments.py cnn 32 floor --cut-blocks
 
 ``--plan FILE`` replays a saved plan (the greedy's plan depends on the profiled
 times) or saves the new one there. CPU only (profiler allocation events).
@@ -78,6 +78,7 @@ def main() -> None:
     ap.add_argument("batch_size", type=int)
     ap.add_argument("budget", help='a budget, or "floor"')
     ap.add_argument("--plan", help="replay this plan file if it exists, else save the plan there")
+    ap.add_argument("--cut-blocks", action="store_true", help="compile with cut_blocks=True")
     args = ap.parse_args()
     torch.set_num_threads(1)
     w = models.build(args.model, batch_size=args.batch_size, device="cpu", seed=0)
@@ -90,7 +91,7 @@ def main() -> None:
         if args.plan:
             plan.to_json(args.plan)
     sim = acopt.simulate(prof, plan)
-    step = compile_inductor(acopt.rewrite(traced, plan, profile=prof))
+    step = compile_inductor(acopt.rewrite(traced, plan, profile=prof), cut_blocks=args.cut_blocks)
     inputs = step.flat_inputs(*w.batch)
     tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
     with torch.no_grad():
