@@ -366,7 +366,7 @@ def fit_compiled(
             step = compile_inductor(rewritten)
             measured = measure_graph_peak(step, *batch)
             sim = simulate(prof, chosen).peak_bytes
-            if measured > sim:  # fusion across recompute blocks? Cut at each block's end and keep the lower.
+            if measured > sim and chosen.recompute:  # fusion across blocks? Cut at each block's end, keep the lower
                 cut = compile_inductor(rewritten, cut_blocks=True)
                 cut_measured = measure_graph_peak(cut, *batch)
                 if cut_measured < measured:

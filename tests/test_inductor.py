@@ -122,6 +122,29 @@ def test_a_recompute_block_ends_its_compiled_graph_with_cut_blocks():
     assert with_block >= 2, "the plan must have several compiled blocks"
 
 
+def test_fit_compiled_compiles_again_with_cut_blocks_over_the_eager_model(monkeypatch):
+    """A plan measuring above its simulated peak is compiled again with the
+    blocks cut, and the lower measurement kept (compiling and measuring faked)."""
+    from types import SimpleNamespace
+
+    from acopt import inductor
+
+    m, o = _pair()[1]
+    x, y = batch()
+    traced = acopt.trace(train_step, m, o, x, y)
+    prof = acopt.profile(traced, x, y, warmup=0, iterations=1)
+    calls = []
+
+    def fake_compile(step, *, compile_segment=None, cut_blocks=False):
+        calls.append(cut_blocks)
+        return SimpleNamespace(cut=cut_blocks)
+
+    monkeypatch.setattr(inductor, "compile_inductor", fake_compile)
+    monkeypatch.setattr(inductor, "measure_graph_peak", lambda step, *b: 1 if step.cut else 10**12)
+    fitted = inductor.fit_compiled(traced, prof, (x, y), budget="100%", solver="greedy", options={})
+    assert calls == [False, True] and fitted.step.cut and fitted.measured_peak_bytes == 1
+
+
 def _conv_net() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
