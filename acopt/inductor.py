@@ -22,6 +22,18 @@ undoing its plan. The graph is cut, in node order, into *segments*:
   random op that cannot be lowered (an argument that does not encode, an
   in-place op on a tensor something else reads) still runs eagerly as its own
   segment, as do all of them with ``segments_of(..., compile_random=False)``;
+* with ``cut_blocks``, a recompute block also ends its segment: no compiled
+  graph holds nodes of two blocks, nor a block and a node after it. Inside
+  one backward graph inductor may fuse kernels across blocks: the replayed
+  layer norms of four blocks that read the same input ran as one kernel at
+  the first block, their four outputs alive at once; a block's final
+  reduction (batch-norm statistics) was fused into a later kernel, keeping
+  the block's replayed convolution alive past the block's end. A graph
+  boundary at a block's end keeps the block's intermediates from outliving
+  it, as in the eager model; but it also forgoes fusing a block into its
+  consumers, which often saves more (docs/memory-model.md, "Compiled
+  steps"). :func:`fit_compiled` compiles without the cut and compiles the
+  plan again with it when the measured peak exceeds the eager model's;
 * nodes that read a live hyperparameter (a Python float computed from
   ``param_groups`` at each call) run eagerly too, so no hyperparameter is
   baked into a kernel as a constant; an optimizer step that reads one runs
@@ -58,6 +70,7 @@ from torch import fx
 from acopt import inductor_rng, rng
 from acopt.errors import UnsupportedStep
 from acopt.records import Region
+from acopt.rewriter import BLOCK_KEY
 from acopt.tracer import REGION_KEY, TracedStep, is_random
 
 __all__ = ["Fitted", "InductorStep", "compile_inductor", "fit_compiled", "measure_graph_peak", "segments_of"]
@@ -101,11 +114,12 @@ def _scalar_values(gm: fx.GraphModule) -> set[str]:
     return out
 
 
-def segments_of(gm: fx.GraphModule, *, compile_random: bool = True) -> list[Segment]:
+def segments_of(gm: fx.GraphModule, *, compile_random: bool = True, cut_blocks: bool = False) -> list[Segment]:
     """Cut ``gm``'s nodes (placeholders and output aside) into segments, in order.
 
     ``compile_random=False``: every random op, rng.save and rng.replay is an eager
-    segment of its own (the behaviour before :mod:`acopt.inductor_rng`)."""
+    segment of its own (the behaviour before :mod:`acopt.inductor_rng`);
+    ``cut_blocks``: a recompute block also ends its segment."""
     scalars = _scalar_values(gm)
     # An optimizer step that reads hyperparameters runs eagerly as a whole: compiling
     # its tensor-only ops between the scalar ones would give many tiny graphs.
@@ -116,7 +130,7 @@ def segments_of(gm: fx.GraphModule, *, compile_random: bool = True) -> list[Segm
     )
     segments: list[Segment] = []
     where: dict[str, int] = {}
-    phase = None
+    phase = block = None
     for n in gm.graph.nodes:
         if n.op in ("placeholder", "output"):
             continue
@@ -129,12 +143,13 @@ def segments_of(gm: fx.GraphModule, *, compile_random: bool = True) -> list[Segm
                 eager_optimizer and n.meta.get(REGION_KEY) == Region.OPTIMIZER
             )
         forward = n.meta.get(REGION_KEY) == Region.FORWARD
-        if eager or not segments or segments[-1].compiled is eager or phase != forward:
+        block_ended = cut_blocks and block is not None and n.meta.get(BLOCK_KEY) != block  # no fusion past a block
+        if eager or not segments or segments[-1].compiled is eager or phase != forward or block_ended:
             if n.target is operator.getitem and segments and where.get(n.args[0].name) == len(segments) - 1:
                 pass  # a getitem stays with the tuple it reads
             else:
                 segments.append(Segment(compiled=not eager, nodes=[]))
-        phase = forward
+        phase, block = forward, n.meta.get(BLOCK_KEY)
         segments[-1].nodes.append(n)
         where[n.name] = len(segments) - 1
     for n in gm.graph.nodes:  # a saved state read by a compiled segment: a host uint8 tensor
@@ -195,9 +210,11 @@ def _segment_module(gm: fx.GraphModule, seg: Segment) -> fx.GraphModule:
 class _Runner:
     """Runs the segments in order; callable like the rewritten GraphModule."""
 
-    def __init__(self, gm: fx.GraphModule, *, compile_segment: Callable[[fx.GraphModule, list], Callable]):
+    def __init__(
+        self, gm: fx.GraphModule, *, compile_segment: Callable[[fx.GraphModule, list], Callable], cut_blocks: bool = False
+    ):
         self._gm = gm
-        self.segments = segments_of(gm)
+        self.segments = segments_of(gm, cut_blocks=cut_blocks)
         self._placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
         self._output = next(n for n in gm.graph.nodes if n.op == "output")
         self._compile_segment = compile_segment
@@ -269,15 +286,16 @@ class InductorStep(TracedStep):
         return self.runner(*inputs)
 
 
-def compile_inductor(step: TracedStep, *, compile_segment: Callable | None = None) -> InductorStep:
-    """``step`` (a traced or rewritten step) run by inductor; segments compile at the first call."""
+def compile_inductor(step: TracedStep, *, compile_segment: Callable | None = None, cut_blocks: bool = False) -> InductorStep:
+    """``step`` (a traced or rewritten step) run by inductor; segments compile at the first call.
+    ``cut_blocks``: each recompute block ends its compiled graph (:func:`segments_of`)."""
     if step._b.grad_mode:
         raise UnsupportedStep(
             "backend='inductor' does not run steps whose kernels depend on grad mode "
             "(the mkldnn RNN); use backend='eager'"
         )
     out = InductorStep(graph_module=step.graph_module, binding=step._b, provenance={**step.provenance, "backend": "inductor"})
-    out.runner = _Runner(step.graph_module, compile_segment=compile_segment or _inductor_segment)
+    out.runner = _Runner(step.graph_module, compile_segment=compile_segment or _inductor_segment, cut_blocks=cut_blocks)
     return out
 
 
@@ -338,7 +356,9 @@ def fit_compiled(
     ``budget`` (docs/memory-model.md, "Compiled steps"), among at most ``attempts``.
 
     Plan with the eager memory model for the budget (for the floor, if the budget
-    is below the eager floor: fusion may still fit it), compile, measure. Over the
+    is below the eager floor: fusion may still fit it), compile, measure (a plan
+    measuring above the eager model is compiled again with ``cut_blocks``, and
+    the lower of the two kept: docs/memory-model.md, "Compiled steps"). Over the
     budget: plan again for the budget minus the excess (a margin), down to the
     floor. Within it by a slack of more than 1%: plan again for that much more
     (fewer recomputations) while the result still fits. If even the floor's plan
@@ -365,9 +385,15 @@ def fit_compiled(
         chosen = plan(prof, budget=max(planning, lowest), solver=solver, **options)
         key = frozenset(chosen.recompute)
         if key not in tried:
-            step = compile_inductor(rewrite(traced, chosen, profile=prof))
+            rewritten = rewrite(traced, chosen, profile=prof)
+            step = compile_inductor(rewritten)
             measured = measure_graph_peak(step, *batch)
             sim = simulate(prof, chosen).peak_bytes
+            if measured > sim and chosen.recompute:  # fusion across blocks? Cut at each block's end, keep the lower
+                cut = compile_inductor(rewritten, cut_blocks=True)
+                cut_measured = measure_graph_peak(cut, *batch)
+                if cut_measured < measured:
+                    step, measured = cut, cut_measured
             tried[key] = Fitted(step, chosen, target, sim, measured, chosen.budget_bytes, len(tried) + 1)
         return tried[key]
 
