@@ -256,6 +256,11 @@ class _Binding:
     after_step: list[tuple[Any, tuple, dict]]  # scheduler.step(*args, **kwargs) calls train_step made
     guards: Guards
     grad_mode: bool  # the graph holds a kernel whose outputs depend on grad mode (GRAD_MODE_OPS)
+    # parameters that zero_grad(set_to_none=False) zeroes but the step computes no gradient for
+    # (frozen, unused): their .grad must be None at every call (:func:`_check_no_kept_zero_grads`)
+    zeroed_without_grad: list[int] = dataclasses.field(default_factory=list)
+    # (module, training): the train()/eval() modes train_step sets, applied after each call
+    set_modes: list[tuple[torch.nn.Module, bool]] = dataclasses.field(default_factory=list)
 
 
 class TracedStep:
@@ -333,6 +338,7 @@ class TracedStep:
         optimizers = b.optimizers.live()
         batch_tensors = b.batch.tensors(batch)
         b.guards.check_program(optimizers)
+        _check_no_kept_zero_grads(b.params, b.zeroed_without_grad)
         params = [p for _, p in b.params]
         states = []
         for slot in b.state_slots:
@@ -373,6 +379,8 @@ class TracedStep:
         for i, value in zip(b.reassigned_buffers, new_buffers, strict=True):
             owner, attr = _owner(b.model, b.buffers[i][0])
             owner._buffers[attr] = value
+        for m, training in b.set_modes:
+            m.training = training
         for opt in b.optimizers.live():
             opt._opt_called = True  # as eager's step does (LR schedulers check it)
         for scheduler, args, kwargs in b.after_step:  # host-side, as train_step called them
@@ -457,6 +465,7 @@ def trace(
                 if e.indices <= capturable:  # pragma: no cover - the capturable form raised it
                     raise
                 capturable |= e.indices
+        _check_no_kept_zero_grads(params, first.zeroed_without_grad)
         guards = Guards.record(
             model,
             optimizers,
@@ -505,6 +514,8 @@ def trace(
             after_step=first.after_step,
             guards=guards,
             grad_mode=any(str(n.target) in GRAD_MODE_OPS for n in gm.graph.nodes),
+            zeroed_without_grad=first.zeroed_without_grad,
+            set_modes=first.set_modes,
         ),
         provenance={
             "stage": "trace",
@@ -862,6 +873,31 @@ def _compiling_flag():
 
 
 @contextlib.contextmanager
+def _noop_module_conversions():
+    """``module.to(dtype)`` inside the step (Switch Transformers' router casts its
+    classifier at every call): a conversion to the dtype and device the module
+    already has changes nothing in eager, but on the trace's fake parameters torch
+    would swap tensors, which fails. Such a conversion is skipped while tracing;
+    one that would change a tensor is refused."""
+    real = torch.nn.Module._apply
+
+    def _apply(self, fn, recurse=True):
+        with torch.no_grad():
+            if all(fn(t) is t for t in (*self.parameters(recurse=recurse), *self.buffers(recurse=recurse))):
+                return self
+        raise UnsupportedStep(
+            f"train_step converts a module ({type(self).__name__}: .to(), .half(), .cuda()...) to another dtype "
+            "or device, which a traced step would not repeat: convert the model before tracing"
+        )
+
+    torch.nn.Module._apply = _apply
+    try:
+        yield
+    finally:
+        torch.nn.Module._apply = real
+
+
+@contextlib.contextmanager
 def _plain_checkpoints():
     """Trace ``torch.utils.checkpoint`` regions as plain code (acopt plans the recomputation).
 
@@ -1028,6 +1064,8 @@ class _Traced:
     out_spec: pytree.TreeSpec
     n_out: int
     after_step: list[tuple[Any, tuple, dict]]
+    zeroed_without_grad: list[int] = dataclasses.field(default_factory=list)
+    set_modes: list[tuple[torch.nn.Module, bool]] = dataclasses.field(default_factory=list)
 
 
 def _snapshot_attributes(model: torch.nn.Module) -> dict[tuple[int, str], tuple[torch.nn.Module, str, Any]]:
@@ -1114,11 +1152,14 @@ def _trace(
         return step
 
     cleared: set[int] = set()  # parameters whose .grad the step resets
+    zeroed: set[int] = set()  # ... of which zero_grad(set_to_none=False) keeps .grad as zeros
 
     def make_zero_grad(real, params_index):
         def zero_grad(*args, **kwargs):
             counters.zero_grads += 1
             cleared.update(params_index)
+            if not kwargs.get("set_to_none", args[0] if args else True):
+                zeroed.update(params_index)
             return real(*args, **kwargs)
 
         return zero_grad
@@ -1197,6 +1238,10 @@ def _trace(
     flat += list(batch)
     hook = register_optimizer_step_pre_hook(other_optimizer_hook)
     attributes = _snapshot_attributes(model)
+    # train()/eval() inside train_step: the trace starts from the modes a call starts
+    # with (which the guards check) and leaves them; each call sets what the step set
+    modes = [(m, m.training) for m in model.modules()]
+    set_modes: list[tuple[torch.nn.Module, bool]] = []
     try:
         with contextlib.ExitStack() as stack:
             stack.enter_context(_patched(torch.autograd, "backward", backward))
@@ -1207,6 +1252,7 @@ def _trace(
             stack.enter_context(_patched(model, "zero_grad", make_zero_grad(model.zero_grad, range(len(params)))))
             stack.enter_context(_compiling_flag())
             stack.enter_context(_plain_checkpoints())
+            stack.enter_context(_noop_module_conversions())
             stack.enter_context(_deferred_schedulers(after_step, counters))
             stack.enter_context(_graph_grad_scalers())
             stack.enter_context(_dynamo_disabled())
@@ -1218,6 +1264,9 @@ def _trace(
         raise _explain(e) from e
     finally:
         hook.remove()
+        set_modes = [(m, m.training) for m, was in modes if m.training != was]
+        for m, was in modes:
+            m.training = was
         _check_attributes(model, attributes)
     if not counters.backward_marks:
         raise UnsupportedStep("train_step never calls loss.backward()")
@@ -1248,8 +1297,24 @@ def _trace(
     hyper_inputs = book.lift(gm, _hyper_placeholder_name)
     out_spec = outputs[0]
     return _Traced(
-        gm, state_slots, grad_params, reassigned, constants, hyper_inputs, book, out_spec, out_spec.num_leaves, after_step
-    )
+        gm, state_slots, grad_params, reassigned, constants, hyper_inputs, book, out_spec, out_spec.num_leaves, after_step,
+        zeroed_without_grad=sorted(zeroed - set(grad_params)), set_modes=set_modes,
+    )  # fmt: skip
+
+
+def _check_no_kept_zero_grads(params: Sequence[tuple[str, torch.Tensor]], zeroed_without_grad: Sequence[int]) -> None:
+    """Refuse a parameter that gets no gradient in the step but holds a ``.grad``
+    that ``zero_grad(set_to_none=False)`` keeps: eager's optimizer then steps it
+    with that (zero) gradient (weight decay, momentum, Adam's moments and step),
+    which the traced step, made for no gradient, would not do."""
+    held = [params[i][0] for i in zeroed_without_grad if params[i][1].grad is not None]
+    if held:
+        raise UnsupportedStep(
+            f"parameter(s) {', '.join(held[:5])} get no gradient in train_step (frozen or unused) but hold a "
+            ".grad, which zero_grad(set_to_none=False) keeps as zeros and the optimizer then steps (weight "
+            "decay, momentum, Adam's moments): acopt traces steps without it. Set their .grad to None when "
+            "freezing them (p.grad = None), or call zero_grad() with set_to_none=True (the default)"
+        )
 
 
 def _hyper_placeholder_name(key: InputKey) -> str:
