@@ -1097,10 +1097,19 @@ def _check_attributes(model: torch.nn.Module, before: dict) -> None:
                 changed.append(old[1])
                 setattr(m, k, old[2])
     if changed:
+        hooks = {type(h).__name__ for m in model.modules() for h in m._forward_pre_hooks.values()}
+        old_style = sorted(hooks & {"WeightNorm", "SpectralNorm"})
+        hint = (
+            f" ({' and '.join(old_style)}: torch.nn.utils.{'/'.join(h.lower().replace('norm', '_norm') for h in old_style)} "
+            "sets the weight as a plain attribute at every call; use torch.nn.utils.parametrizations' versions, "
+            "which acopt traces)"
+            if old_style
+            else ""
+        )
         raise UnsupportedStep(
             f"train_step sets module attributes that are not buffers ({', '.join(changed[:5])}): eager "
             "changes them at every step, a traced step would not; register them as buffers "
-            "(register_buffer) or keep them out of the step"
+            f"(register_buffer) or keep them out of the step{hint}"
         )
 
 
@@ -1274,7 +1283,13 @@ def _trace(
         raise UnsupportedStep("train_step calls backward() after optimizer.step(); acopt traces one step ending in the optimizer")
     if counters.steps != len(optimizers):
         missing = [type(o).__name__ for o in optimizers if id(o) not in stepped]
-        raise UnsupportedStep(f"train_step never calls optimizer.step() (of {', '.join(missing)})")
+        raise UnsupportedStep(
+            f"train_step never calls optimizer.step() (of {', '.join(missing)}) in one of the calls acopt traces "
+            "(it runs train_step two or three times): a step that steps the optimizer only every k calls "
+            "(gradient accumulation across calls, a counter or flag outside the step) cannot be one graph. "
+            "Accumulate the k micro-batches inside one train_step, or use module mode (acopt.wrap) and keep "
+            "the loop eager"
+        )
     if counters.zero_grads == 0:
         raise UnsupportedStep(
             "train_step never calls optimizer.zero_grad() (or model.zero_grad()): gradient "

@@ -767,3 +767,46 @@ def test_dataclass_batch_is_refused_with_what_to_pass():
     with pytest.raises(UnsupportedStep, match="tuples, lists and dicts"):
         acopt.trace(step, m, o, _Batch(*batch(0)))
     assert not o.state
+
+
+def test_stepping_every_k_calls_is_refused_with_what_to_do():
+    """Accumulation across calls (a counter outside the step): the trace's repeated calls
+    see a call without optimizer.step(), and the refusal says what to do instead."""
+    calls = {"n": 0}
+
+    def step(model, opt, x, y):
+        loss = lm_loss(model(x), y) / 2
+        loss.backward()
+        calls["n"] += 1
+        if calls["n"] % 2 == 1:
+            opt.step()
+            opt.zero_grad()
+        return loss.detach()
+
+    m = Net()
+    o = adamw(m)
+    before = copy.deepcopy(m.state_dict())
+    with pytest.raises(UnsupportedStep, match=r"never calls optimizer\.step\(\).*acopt\.wrap"):
+        acopt.trace(step, m, o, *batch(0))
+    _assert_equal(m.state_dict(), before)
+    assert not o.state
+
+
+def test_old_style_weight_norm_is_refused_with_the_parametrization_to_use():
+    class OldWeightNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.emb = nn.Embedding(VOCAB, D)
+            self.head = torch.nn.utils.weight_norm(nn.Linear(D, VOCAB))
+
+        def forward(self, x):
+            return self.head(self.emb(x))
+
+    m = OldWeightNorm()
+    o = adamw(m)
+    before = copy.deepcopy(m.state_dict())
+    with warnings.catch_warnings(), pytest.raises(UnsupportedStep, match=r"head\.weight.*parametrizations"):
+        warnings.simplefilter("ignore")
+        acopt.trace(plain, m, o, *batch(0))
+    _assert_equal(m.state_dict(), before)
