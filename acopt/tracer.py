@@ -688,7 +688,21 @@ def _check_supported(model, optimizer) -> None:
                     "step before tracing, or use dampening=0"
                 )
     if any(p.grad is not None and p.grad.is_sparse for p in model.parameters()):
-        raise UnsupportedStep("sparse gradients are not supported")
+        raise UnsupportedStep(_SPARSE)
+
+
+_SPARSE = (
+    "sparse gradients (nn.Embedding/EmbeddingBag(sparse=True)) are not supported: acopt's memory model "
+    "counts dense storages; use sparse=False"
+)
+
+
+def _refuse_sparse(gm: fx.GraphModule) -> None:
+    """A sparse tensor anywhere in the step (a sparse embedding gradient): refused."""
+    for n in gm.graph.nodes:
+        v = n.meta.get("val")
+        if isinstance(v, torch.Tensor) and v.layout != torch.strided:
+            raise UnsupportedStep(_SPARSE)
 
 
 def _check_not_distributed(model: torch.nn.Module) -> None:
@@ -1303,6 +1317,7 @@ def _trace(
             "to the optimizer, call model.zero_grad(), or set requires_grad=False"
         )
     _tag_regions(gm, counters.backward_marks)
+    _refuse_sparse(gm)
     _refuse_unfaithful_nodes(gm)
     _drop_noise(gm)
     hold_until_wait(gm)
