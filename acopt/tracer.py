@@ -261,6 +261,10 @@ class _Binding:
     zeroed_without_grad: list[int] = dataclasses.field(default_factory=list)
     # (module, training): the train()/eval() modes train_step sets, applied after each call
     set_modes: list[tuple[torch.nn.Module, bool]] = dataclasses.field(default_factory=list)
+    # the parameters whose .grad train_step sets to None (None: all), and those it zeroes in
+    # place (zero_grad(set_to_none=False)) without computing a gradient; others are left alone
+    reset_grads: list[int] | None = None
+    zeroed_grads: list[int] = dataclasses.field(default_factory=list)
 
 
 class TracedStep:
@@ -365,8 +369,12 @@ class TracedStep:
         """One step on inputs from :meth:`flat_inputs` (which checked the guards)."""
         b = self._b
         params = [p for _, p in b.params]
-        for p in params:
-            p.grad = None  # a step starts from no gradients (train_step zeroes them)
+        reset = range(len(params)) if b.reset_grads is None else b.reset_grads
+        for i in reset:
+            params[i].grad = None  # a step starts from no gradients (train_step zeroes them)
+        for i in b.zeroed_grads:  # zero_grad(set_to_none=False), no gradient in the step: eager keeps zeros
+            if params[i].grad is not None:
+                params[i].grad.zero_()
         # Grad mode as traced where a kernel's outputs depend on it (the mkldnn RNN's
         # workspace; then no input requires grad, so autograd records nothing).
         with torch.enable_grad() if b.grad_mode else torch.no_grad():
@@ -516,6 +524,8 @@ def trace(
             grad_mode=any(str(n.target) in GRAD_MODE_OPS for n in gm.graph.nodes),
             zeroed_without_grad=first.zeroed_without_grad,
             set_modes=first.set_modes,
+            reset_grads=first.reset_grads,
+            zeroed_grads=first.zeroed_grads,
         ),
         provenance={
             "stage": "trace",
@@ -1080,6 +1090,8 @@ class _Traced:
     after_step: list[tuple[Any, tuple, dict]]
     zeroed_without_grad: list[int] = dataclasses.field(default_factory=list)
     set_modes: list[tuple[torch.nn.Module, bool]] = dataclasses.field(default_factory=list)
+    reset_grads: list[int] | None = None
+    zeroed_grads: list[int] = dataclasses.field(default_factory=list)
 
 
 def _snapshot_attributes(model: torch.nn.Module) -> dict[tuple[int, str], tuple[torch.nn.Module, str, Any]]:
@@ -1114,9 +1126,8 @@ def _check_attributes(model: torch.nn.Module, before: dict) -> None:
         hooks = {type(h).__name__ for m in model.modules() for h in m._forward_pre_hooks.values()}
         old_style = sorted(hooks & {"WeightNorm", "SpectralNorm"})
         hint = (
-            f" ({' and '.join(old_style)}: torch.nn.utils.{'/'.join(h.lower().replace('norm', '_norm') for h in old_style)} "
-            "sets the weight as a plain attribute at every call; use torch.nn.utils.parametrizations' versions, "
-            "which acopt traces)"
+            f" ({' and '.join(old_style)}: the hooks of torch.nn.utils.weight_norm/spectral_norm set the weight "
+            "as a plain attribute at every call; use torch.nn.utils.parametrizations' versions, which acopt traces)"
             if old_style
             else ""
         )
@@ -1142,6 +1153,7 @@ def _trace(
     index_of = {id(p): i for i, p in enumerate(param_tensors)}
     group_param_index = [[[index_of[id(p)] for p in g["params"]] for g in opt.param_groups] for opt in optimizers]
     n_p, n_b, n_s = len(params), len(buffers), len(state_slots)
+    stepped_params = {i for groups in group_param_index for idx in groups for i in idx}  # in some optimizer
     grad_params: list[int] = []
     reassigned: list[int] = []
     outputs: list[pytree.TreeSpec] = []
@@ -1328,7 +1340,8 @@ def _trace(
     out_spec = outputs[0]
     return _Traced(
         gm, state_slots, grad_params, reassigned, constants, hyper_inputs, book, out_spec, out_spec.num_leaves, after_step,
-        zeroed_without_grad=sorted(zeroed - set(grad_params)), set_modes=set_modes,
+        zeroed_without_grad=sorted((zeroed - set(grad_params)) & stepped_params), set_modes=set_modes,
+        reset_grads=sorted(cleared - zeroed), zeroed_grads=sorted(zeroed - set(grad_params)),
     )  # fmt: skip
 
 

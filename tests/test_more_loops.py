@@ -865,3 +865,29 @@ def test_unpadded_batch_with_an_all_ones_mask_is_bitwise():
     attention_mask, calls is_causal=True: gradients equal at float rounding (above), not
     bitwise. Without attention_mask, or with a padded row (the zoo), bitwise."""
     assert all(torch.equal(a, b) for _, a, b in _unpadded_qwen2_grads())
+
+
+def test_kept_zero_grad_of_a_parameter_no_optimizer_steps_is_fine():
+    """model.zero_grad(set_to_none=False) zeroes a frozen parameter that no optimizer holds:
+    nothing steps it, eager or traced, so no refusal; its zero .grad stays as eager leaves it."""
+
+    def step(model, opt, x, y):
+        model.zero_grad(set_to_none=False)
+        loss = lm_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    m1, m2 = Net(), Net()
+    for m in (m1, m2):
+        m.emb.weight.requires_grad_(False)
+        m.emb.weight.grad = torch.zeros_like(m.emb.weight)
+    o1, o2 = (torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (m1, m2))
+    traced = acopt.trace(step, m1, o1, *batch(0))
+    for i in range(2):
+        torch.manual_seed(i)
+        l1 = traced(*batch(i))
+        torch.manual_seed(i)
+        l2 = step(m2, o2, *batch(i))
+        _assert_equal(l1, l2)
+        _assert_equal(_state(m1, o1, None), _state(m2, o2, None))
