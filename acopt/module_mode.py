@@ -78,6 +78,7 @@ from acopt.tracer import (
     _HostRng,
     _lift_constants,
     _name_placeholders,
+    _noop_module_conversions,
     _outplace_forward_mutations,
     _plain_checkpoints,
     _refuse_unfaithful_nodes,
@@ -153,7 +154,7 @@ def _outputs_of(result: Any, only: frozenset[int] | None = None) -> tuple[_Outpu
 def _tracing_context(model: torch.nn.Module):
     attributes = _snapshot_attributes(model)
     try:
-        with _compiling_flag(), _plain_checkpoints(), _dynamo_disabled():
+        with _compiling_flag(), _plain_checkpoints(), _noop_module_conversions(), _dynamo_disabled():
             yield
     except UnsupportedStep:
         raise

@@ -256,6 +256,15 @@ class _Binding:
     after_step: list[tuple[Any, tuple, dict]]  # scheduler.step(*args, **kwargs) calls train_step made
     guards: Guards
     grad_mode: bool  # the graph holds a kernel whose outputs depend on grad mode (GRAD_MODE_OPS)
+    # parameters that zero_grad(set_to_none=False) zeroes but the step computes no gradient for
+    # (frozen, unused): their .grad must be None at every call (:func:`_check_no_kept_zero_grads`)
+    zeroed_without_grad: list[int] = dataclasses.field(default_factory=list)
+    # (module, training): the train()/eval() modes train_step sets, applied after each call
+    set_modes: list[tuple[torch.nn.Module, bool]] = dataclasses.field(default_factory=list)
+    # the parameters whose .grad train_step sets to None (None: all), and those it zeroes in
+    # place (zero_grad(set_to_none=False)) without computing a gradient; others are left alone
+    reset_grads: list[int] | None = None
+    zeroed_grads: list[int] = dataclasses.field(default_factory=list)
 
 
 class TracedStep:
@@ -333,6 +342,7 @@ class TracedStep:
         optimizers = b.optimizers.live()
         batch_tensors = b.batch.tensors(batch)
         b.guards.check_program(optimizers)
+        _check_no_kept_zero_grads(b.params, b.zeroed_without_grad)
         params = [p for _, p in b.params]
         states = []
         for slot in b.state_slots:
@@ -359,8 +369,12 @@ class TracedStep:
         """One step on inputs from :meth:`flat_inputs` (which checked the guards)."""
         b = self._b
         params = [p for _, p in b.params]
-        for p in params:
-            p.grad = None  # a step starts from no gradients (train_step zeroes them)
+        reset = range(len(params)) if b.reset_grads is None else b.reset_grads
+        for i in reset:
+            params[i].grad = None  # a step starts from no gradients (train_step zeroes them)
+        for i in b.zeroed_grads:  # zero_grad(set_to_none=False), no gradient in the step: eager keeps zeros
+            if params[i].grad is not None:
+                params[i].grad.zero_()
         # Grad mode as traced where a kernel's outputs depend on it (the mkldnn RNN's
         # workspace; then no input requires grad, so autograd records nothing).
         with torch.enable_grad() if b.grad_mode else torch.no_grad():
@@ -373,6 +387,8 @@ class TracedStep:
         for i, value in zip(b.reassigned_buffers, new_buffers, strict=True):
             owner, attr = _owner(b.model, b.buffers[i][0])
             owner._buffers[attr] = value
+        for m, training in b.set_modes:
+            m.training = training
         for opt in b.optimizers.live():
             opt._opt_called = True  # as eager's step does (LR schedulers check it)
         for scheduler, args, kwargs in b.after_step:  # host-side, as train_step called them
@@ -457,6 +473,7 @@ def trace(
                 if e.indices <= capturable:  # pragma: no cover - the capturable form raised it
                     raise
                 capturable |= e.indices
+        _check_no_kept_zero_grads(params, first.zeroed_without_grad)
         guards = Guards.record(
             model,
             optimizers,
@@ -505,6 +522,10 @@ def trace(
             after_step=first.after_step,
             guards=guards,
             grad_mode=any(str(n.target) in GRAD_MODE_OPS for n in gm.graph.nodes),
+            zeroed_without_grad=first.zeroed_without_grad,
+            set_modes=first.set_modes,
+            reset_grads=first.reset_grads,
+            zeroed_grads=first.zeroed_grads,
         ),
         provenance={
             "stage": "trace",
@@ -677,7 +698,21 @@ def _check_supported(model, optimizer) -> None:
                     "step before tracing, or use dampening=0"
                 )
     if any(p.grad is not None and p.grad.is_sparse for p in model.parameters()):
-        raise UnsupportedStep("sparse gradients are not supported")
+        raise UnsupportedStep(_SPARSE)
+
+
+_SPARSE = (
+    "sparse gradients (nn.Embedding/EmbeddingBag(sparse=True)) are not supported: acopt's memory model "
+    "counts dense storages; use sparse=False"
+)
+
+
+def _refuse_sparse(gm: fx.GraphModule) -> None:
+    """A sparse tensor anywhere in the step (a sparse embedding gradient): refused."""
+    for n in gm.graph.nodes:
+        v = n.meta.get("val")
+        if isinstance(v, torch.Tensor) and v.layout != torch.strided:
+            raise UnsupportedStep(_SPARSE)
 
 
 def _check_not_distributed(model: torch.nn.Module) -> None:
@@ -862,6 +897,31 @@ def _compiling_flag():
 
 
 @contextlib.contextmanager
+def _noop_module_conversions():
+    """``module.to(dtype)`` inside the step (Switch Transformers' router casts its
+    classifier at every call): a conversion to the dtype and device the module
+    already has changes nothing in eager, but on the trace's fake parameters torch
+    would swap tensors, which fails. Such a conversion is skipped while tracing;
+    one that would change a tensor is refused."""
+    real = torch.nn.Module._apply
+
+    def _apply(self, fn, recurse=True):
+        with torch.no_grad():
+            if all(fn(t) is t for t in (*self.parameters(recurse=recurse), *self.buffers(recurse=recurse))):
+                return self
+        raise UnsupportedStep(
+            f"train_step converts a module ({type(self).__name__}: .to(), .half(), .cuda()...) to another dtype "
+            "or device, which a traced step would not repeat: convert the model before tracing"
+        )
+
+    torch.nn.Module._apply = _apply
+    try:
+        yield
+    finally:
+        torch.nn.Module._apply = real
+
+
+@contextlib.contextmanager
 def _plain_checkpoints():
     """Trace ``torch.utils.checkpoint`` regions as plain code (acopt plans the recomputation).
 
@@ -1028,6 +1088,10 @@ class _Traced:
     out_spec: pytree.TreeSpec
     n_out: int
     after_step: list[tuple[Any, tuple, dict]]
+    zeroed_without_grad: list[int] = dataclasses.field(default_factory=list)
+    set_modes: list[tuple[torch.nn.Module, bool]] = dataclasses.field(default_factory=list)
+    reset_grads: list[int] | None = None
+    zeroed_grads: list[int] = dataclasses.field(default_factory=list)
 
 
 def _snapshot_attributes(model: torch.nn.Module) -> dict[tuple[int, str], tuple[torch.nn.Module, str, Any]]:
@@ -1059,10 +1123,18 @@ def _check_attributes(model: torch.nn.Module, before: dict) -> None:
                 changed.append(old[1])
                 setattr(m, k, old[2])
     if changed:
+        hooks = {type(h).__name__ for m in model.modules() for h in m._forward_pre_hooks.values()}
+        old_style = sorted(hooks & {"WeightNorm", "SpectralNorm"})
+        hint = (
+            f" ({' and '.join(old_style)}: the hooks of torch.nn.utils.weight_norm/spectral_norm set the weight "
+            "as a plain attribute at every call; use torch.nn.utils.parametrizations' versions, which acopt traces)"
+            if old_style
+            else ""
+        )
         raise UnsupportedStep(
             f"train_step sets module attributes that are not buffers ({', '.join(changed[:5])}): eager "
             "changes them at every step, a traced step would not; register them as buffers "
-            "(register_buffer) or keep them out of the step"
+            f"(register_buffer) or keep them out of the step{hint}"
         )
 
 
@@ -1081,6 +1153,7 @@ def _trace(
     index_of = {id(p): i for i, p in enumerate(param_tensors)}
     group_param_index = [[[index_of[id(p)] for p in g["params"]] for g in opt.param_groups] for opt in optimizers]
     n_p, n_b, n_s = len(params), len(buffers), len(state_slots)
+    stepped_params = {i for groups in group_param_index for idx in groups for i in idx}  # in some optimizer
     grad_params: list[int] = []
     reassigned: list[int] = []
     outputs: list[pytree.TreeSpec] = []
@@ -1114,11 +1187,14 @@ def _trace(
         return step
 
     cleared: set[int] = set()  # parameters whose .grad the step resets
+    zeroed: set[int] = set()  # ... of which zero_grad(set_to_none=False) keeps .grad as zeros
 
     def make_zero_grad(real, params_index):
         def zero_grad(*args, **kwargs):
             counters.zero_grads += 1
             cleared.update(params_index)
+            if not kwargs.get("set_to_none", args[0] if args else True):
+                zeroed.update(params_index)
             return real(*args, **kwargs)
 
         return zero_grad
@@ -1197,6 +1273,10 @@ def _trace(
     flat += list(batch)
     hook = register_optimizer_step_pre_hook(other_optimizer_hook)
     attributes = _snapshot_attributes(model)
+    # train()/eval() inside train_step: the trace starts from the modes a call starts
+    # with (which the guards check) and leaves them; each call sets what the step set
+    modes = [(m, m.training) for m in model.modules()]
+    set_modes: list[tuple[torch.nn.Module, bool]] = []
     try:
         with contextlib.ExitStack() as stack:
             stack.enter_context(_patched(torch.autograd, "backward", backward))
@@ -1207,6 +1287,7 @@ def _trace(
             stack.enter_context(_patched(model, "zero_grad", make_zero_grad(model.zero_grad, range(len(params)))))
             stack.enter_context(_compiling_flag())
             stack.enter_context(_plain_checkpoints())
+            stack.enter_context(_noop_module_conversions())
             stack.enter_context(_deferred_schedulers(after_step, counters))
             stack.enter_context(_graph_grad_scalers())
             stack.enter_context(_dynamo_disabled())
@@ -1218,6 +1299,9 @@ def _trace(
         raise _explain(e) from e
     finally:
         hook.remove()
+        set_modes = [(m, m.training) for m, was in modes if m.training != was]
+        for m, was in modes:
+            m.training = was
         _check_attributes(model, attributes)
     if not counters.backward_marks:
         raise UnsupportedStep("train_step never calls loss.backward()")
@@ -1225,7 +1309,13 @@ def _trace(
         raise UnsupportedStep("train_step calls backward() after optimizer.step(); acopt traces one step ending in the optimizer")
     if counters.steps != len(optimizers):
         missing = [type(o).__name__ for o in optimizers if id(o) not in stepped]
-        raise UnsupportedStep(f"train_step never calls optimizer.step() (of {', '.join(missing)})")
+        raise UnsupportedStep(
+            f"train_step never calls optimizer.step() (of {', '.join(missing)}) in one of the calls acopt traces "
+            "(it runs train_step two or three times): a step that steps the optimizer only every k calls "
+            "(gradient accumulation across calls, a counter or flag outside the step) cannot be one graph. "
+            "Accumulate the k micro-batches inside one train_step, or use module mode (acopt.wrap) and keep "
+            "the loop eager"
+        )
     if counters.zero_grads == 0:
         raise UnsupportedStep(
             "train_step never calls optimizer.zero_grad() (or model.zero_grad()): gradient "
@@ -1239,6 +1329,7 @@ def _trace(
             "to the optimizer, call model.zero_grad(), or set requires_grad=False"
         )
     _tag_regions(gm, counters.backward_marks)
+    _refuse_sparse(gm)
     _refuse_unfaithful_nodes(gm)
     _drop_noise(gm)
     hold_until_wait(gm)
@@ -1248,8 +1339,25 @@ def _trace(
     hyper_inputs = book.lift(gm, _hyper_placeholder_name)
     out_spec = outputs[0]
     return _Traced(
-        gm, state_slots, grad_params, reassigned, constants, hyper_inputs, book, out_spec, out_spec.num_leaves, after_step
-    )
+        gm, state_slots, grad_params, reassigned, constants, hyper_inputs, book, out_spec, out_spec.num_leaves, after_step,
+        zeroed_without_grad=sorted((zeroed - set(grad_params)) & stepped_params), set_modes=set_modes,
+        reset_grads=sorted(cleared - zeroed), zeroed_grads=sorted(zeroed - set(grad_params)),
+    )  # fmt: skip
+
+
+def _check_no_kept_zero_grads(params: Sequence[tuple[str, torch.Tensor]], zeroed_without_grad: Sequence[int]) -> None:
+    """Refuse a parameter that gets no gradient in the step but holds a ``.grad``
+    that ``zero_grad(set_to_none=False)`` keeps: eager's optimizer then steps it
+    with that (zero) gradient (weight decay, momentum, Adam's moments and step),
+    which the traced step, made for no gradient, would not do."""
+    held = [params[i][0] for i in zeroed_without_grad if params[i][1].grad is not None]
+    if held:
+        raise UnsupportedStep(
+            f"parameter(s) {', '.join(held[:5])} get no gradient in train_step (frozen or unused) but hold a "
+            ".grad, which zero_grad(set_to_none=False) keeps as zeros and the optimizer then steps (weight "
+            "decay, momentum, Adam's moments): acopt traces steps without it. Set their .grad to None when "
+            "freezing them (p.grad = None), or call zero_grad() with set_to_none=True (the default)"
+        )
 
 
 def _hyper_placeholder_name(key: InputKey) -> str:

@@ -11,7 +11,11 @@ access), in train mode, with each architecture's default settings otherwise
 (dropout, attention implementation, ``use_cache``): hidden 32, 2 layers,
 4 heads, vocab 128, sequence 12, batch 2 or 3. Their step is
 ``model(**kwargs).loss`` (:func:`hf_step` maps the positional batch to the
-keyword arguments). The last entries are plain torch models written here:
+keyword arguments). Decoders, state-space models (Mamba, RWKV, Jamba),
+mixtures of experts, encoders, encoder-decoders, vision backbones,
+segmentation and image-text contrastive models; the entries whose docstring
+says "refused" are ones acopt must refuse (the test checks the refusal
+leaves model and optimizer as they were). The last entries are plain torch models written here:
 an LSTM language model, a GRU classifier, a small UNet, an EmbeddingBag
 model and an MLP that uses ``torch.utils.checkpoint`` itself.
 
@@ -241,6 +245,84 @@ def bloom() -> Case:
                     pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
 
 
+def mpt() -> Case:
+    return _decoder("MptForCausalLM", "MptConfig", vocab_size=VOCAB, d_model=32, n_heads=4, n_layers=2,
+                    expansion_ratio=2, max_seq_len=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
+
+
+def stablelm() -> Case:
+    return _decoder("StableLmForCausalLM", "StableLmConfig", **_DEC, num_key_value_heads=2)
+
+
+def starcoder2() -> Case:
+    return _decoder("Starcoder2ForCausalLM", "Starcoder2Config", **_DEC, num_key_value_heads=2)
+
+
+def olmo() -> Case:
+    return _decoder("OlmoForCausalLM", "OlmoConfig", **_DEC)
+
+
+def olmo2() -> Case:
+    return _decoder("Olmo2ForCausalLM", "Olmo2Config", **_DEC)
+
+
+def cohere() -> Case:
+    return _decoder("CohereForCausalLM", "CohereConfig", **_DEC)
+
+
+def granite() -> Case:
+    return _decoder("GraniteForCausalLM", "GraniteConfig", **_DEC, residual_multiplier=0.5, embedding_multiplier=2.0,
+                    logits_scaling=4.0)  # fmt: skip
+
+
+def persimmon() -> Case:
+    return _decoder("PersimmonForCausalLM", "PersimmonConfig", **_DEC)
+
+
+def codegen() -> Case:
+    return _decoder("CodeGenForCausalLM", "CodeGenConfig", vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2,
+                    n_head=4, rotary_dim=4, bos_token_id=1, eos_token_id=2)  # fmt: skip
+
+
+def xglm() -> Case:
+    return _decoder("XGLMForCausalLM", "XGLMConfig", vocab_size=VOCAB, d_model=32, num_layers=2, attention_heads=4,
+                    ffn_dim=64, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
+
+
+# state-space and recurrent decoders
+
+
+def mamba() -> Case:
+    """The PyTorch reference scan (no mamba_ssm kernels). Under acopt's trace
+    ``is_torchdynamo_compiling()`` is true and transformers takes its associative
+    scan instead of the sequential loop: equal to eager at rounding, not bitwise."""
+    return _decoder("MambaForCausalLM", "MambaConfig", vocab_size=VOCAB, hidden_size=32, state_size=8,
+                    num_hidden_layers=2, expand=2, conv_kernel=4, pad_token_id=0, bos_token_id=1,
+                    eos_token_id=2)  # fmt: skip
+
+
+def rwkv() -> Case:
+    return _decoder("RwkvForCausalLM", "RwkvConfig", vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                    attention_hidden_size=32, intermediate_size=64, context_length=64, bos_token_id=1,
+                    eos_token_id=2)  # fmt: skip
+
+
+def jamba() -> Case:
+    """Mamba and attention layers, a mixture of experts every other layer (the scan as in :func:`mamba`)."""
+    return _decoder("JambaForCausalLM", "JambaConfig", **_DEC, num_key_value_heads=2, num_experts=2,
+                    num_experts_per_tok=1, expert_layer_period=2, expert_layer_offset=1, attn_layer_period=2,
+                    attn_layer_offset=1, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2,
+                    mamba_dt_rank=4)  # fmt: skip
+
+
+def recurrent_gemma() -> Case:
+    """Keeps its recurrent states as plain module attributes set in forward: refused."""
+    return _decoder("RecurrentGemmaForCausalLM", "RecurrentGemmaConfig", vocab_size=VOCAB, hidden_size=32,
+                    intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1,
+                    lru_width=32, attention_window_size=8, block_types=["recurrent", "attention"], head_dim=8,
+                    pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
+
+
 def mixtral() -> Case:
     return _decoder("MixtralForCausalLM", "MixtralConfig", **_DEC, num_key_value_heads=2, num_local_experts=4,
                     num_experts_per_tok=2)  # fmt: skip
@@ -249,6 +331,24 @@ def mixtral() -> Case:
 def qwen2_moe() -> Case:
     return _decoder("Qwen2MoeForCausalLM", "Qwen2MoeConfig", **_DEC, num_key_value_heads=2, num_experts=4,
                     num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=64)  # fmt: skip
+
+
+def granitemoe() -> Case:
+    return _decoder("GraniteMoeForCausalLM", "GraniteMoeConfig", **_DEC, num_key_value_heads=2, num_local_experts=4,
+                    num_experts_per_tok=2)  # fmt: skip
+
+
+def olmoe() -> Case:
+    return _decoder("OlmoeForCausalLM", "OlmoeConfig", **_DEC, num_key_value_heads=2, num_experts=4,
+                    num_experts_per_tok=2)  # fmt: skip
+
+
+def dbrx() -> Case:
+    """Its experts loop skips experts no token chose (a data-dependent branch): refused."""
+    return _decoder("DbrxForCausalLM", "DbrxConfig", vocab_size=VOCAB, d_model=32, n_heads=4, n_layers=2,
+                    max_seq_len=64, attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
+                    ffn_config=dict(ffn_hidden_size=64, moe_num_experts=4, moe_top_k=2), pad_token_id=0,
+                    bos_token_id=1, eos_token_id=2)  # fmt: skip
 
 
 # encoders: single-label sequence classification
@@ -293,6 +393,42 @@ def deberta_v2() -> Case:
                     problem_type="single_label_classification")  # fmt: skip
 
 
+def mpnet() -> Case:
+    return _encoder("MPNetForSequenceClassification", "MPNetConfig", pad_id=1, **_ENC)
+
+
+def megatron_bert() -> Case:
+    return _encoder("MegatronBertForSequenceClassification", "MegatronBertConfig", **_ENC)
+
+
+def xlnet() -> Case:
+    return _encoder("XLNetForSequenceClassification", "XLNetConfig", vocab_size=VOCAB, d_model=32, n_layer=2,
+                    n_head=4, d_inner=64, num_labels=3)  # fmt: skip
+
+
+def funnel() -> Case:
+    """Caches its attention structure in plain module attributes during forward: refused."""
+    return _encoder("FunnelForSequenceClassification", "FunnelConfig", vocab_size=VOCAB, d_model=32, n_head=4,
+                    d_head=8, d_inner=64, block_sizes=[1, 1], num_decoder_layers=1, num_labels=3)  # fmt: skip
+
+
+def layoutlm() -> Case:
+    """Text with a bounding box per token (x0, y0, x1, y1 in 0..1000)."""
+    model = _hf("LayoutLMForSequenceClassification", "LayoutLMConfig", **_ENC)
+    ids, mask, labels = _cls_batch()
+    corner = torch.randint(0, 500, (BATCH, SEQ, 2), generator=_gen(4))
+    bbox = torch.cat([corner, corner + 10], dim=-1)
+    return Case(model, adamw, (ids, bbox, mask, labels), hf_step("input_ids", "bbox", "attention_mask", "labels"))
+
+
+def canine() -> Case:
+    """Character-level: hashed code point embeddings, downsampling convolution, upsampling."""
+    model = _hf("CanineForSequenceClassification", "CanineConfig", hidden_size=32, num_hidden_layers=2,
+                num_attention_heads=4, intermediate_size=64, num_hash_functions=2, num_hash_buckets=64,
+                downsampling_rate=2, upsampling_kernel_size=3, local_transformer_stride=4, num_labels=3)  # fmt: skip
+    return Case(model, adamw, _cls_batch(), hf_step("input_ids", "attention_mask", "labels"))
+
+
 # encoder-decoders, with labels
 
 _S2S = dict(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
@@ -322,6 +458,45 @@ def pegasus() -> Case:
     return _seq2seq("PegasusForConditionalGeneration", "PegasusConfig", **_S2S)
 
 
+def mbart() -> Case:
+    return _seq2seq("MBartForConditionalGeneration", "MBartConfig", **_S2S)
+
+
+def blenderbot() -> Case:
+    return _seq2seq("BlenderbotForConditionalGeneration", "BlenderbotConfig", **_S2S)
+
+
+def longt5() -> Case:
+    return _seq2seq("LongT5ForConditionalGeneration", "LongT5Config", vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64,
+                    num_layers=2, num_heads=4, pad_token_id=0, eos_token_id=2, decoder_start_token_id=0,
+                    local_radius=4, encoder_attention_type="transient-global", global_block_size=4)  # fmt: skip
+
+
+def led() -> Case:
+    """Longformer attention pads the sequence to its window in Python from a tensor's value: refused."""
+    return _seq2seq("LEDForConditionalGeneration", "LEDConfig", vocab_size=VOCAB, d_model=32, encoder_layers=2,
+                    decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                    decoder_ffn_dim=64, max_encoder_position_embeddings=64, max_decoder_position_embeddings=64,
+                    attention_window=[4, 4], pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                    decoder_start_token_id=1)  # fmt: skip
+
+
+def switch_transformers() -> Case:
+    """Sparse T5 (top-1 routing, expert capacity). Its router casts its classifier with
+    ``.to(dtype)`` at every call (a no-op that the trace must skip); its expert loop
+    branches on which experts got tokens: refused."""
+    return _seq2seq("SwitchTransformersForConditionalGeneration", "SwitchTransformersConfig", vocab_size=VOCAB,
+                    d_model=32, d_kv=8, d_ff=64, expert_capacity=8, num_layers=2, num_sparse_encoder_layers=1,
+                    num_decoder_layers=2, num_sparse_decoder_layers=1, num_heads=4, num_experts=4, pad_token_id=0,
+                    eos_token_id=2, decoder_start_token_id=0)  # fmt: skip
+
+
+def nllb_moe() -> Case:
+    """Its experts loop skips unused experts (a data-dependent branch): refused."""
+    return _seq2seq("NllbMoeForConditionalGeneration", "NllbMoeConfig", **_S2S, num_experts=4, expert_capacity=8,
+                    encoder_sparse_step=2, decoder_sparse_step=2)  # fmt: skip
+
+
 # vision: image classification with labels
 
 
@@ -348,6 +523,88 @@ def resnet() -> Case:
 def swin() -> Case:
     return _vision("SwinForImageClassification", "SwinConfig", image_size=32, patch_size=4, embed_dim=16,
                    depths=[1, 1], num_heads=[2, 4], window_size=4)  # fmt: skip
+
+
+def beit() -> Case:
+    return _vision("BeitForImageClassification", "BeitConfig", image_size=32, patch_size=8, hidden_size=32,
+                   num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                   use_relative_position_bias=True)  # fmt: skip
+
+
+def deit() -> Case:
+    return _vision("DeiTForImageClassification", "DeiTConfig", image_size=32, patch_size=8, hidden_size=32,
+                   num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)  # fmt: skip
+
+
+def dinov2() -> Case:
+    return _vision("Dinov2ForImageClassification", "Dinov2Config", image_size=32, patch_size=8, hidden_size=32,
+                   num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2)  # fmt: skip
+
+
+def levit() -> Case:
+    return _vision("LevitForImageClassification", "LevitConfig", optimizer=sgd, image_size=32, patch_size=16,
+                   hidden_sizes=[32, 48], num_attention_heads=[2, 3], depths=[1, 1], key_dim=[8, 8],
+                   down_ops=[["Subsample", 8, 2, 4, 2, 2]])  # fmt: skip
+
+
+def poolformer() -> Case:
+    return _vision("PoolFormerForImageClassification", "PoolFormerConfig", num_encoder_blocks=2, depths=[1, 1],
+                   hidden_sizes=[16, 32], patch_sizes=[7, 3], strides=[4, 2], padding=[2, 1])  # fmt: skip
+
+
+def regnet() -> Case:
+    return _vision("RegNetForImageClassification", "RegNetConfig", optimizer=sgd, embedding_size=16,
+                   hidden_sizes=[16, 32], depths=[1, 1], groups_width=8)  # fmt: skip
+
+
+def efficientnet() -> Case:
+    return _vision("EfficientNetForImageClassification", "EfficientNetConfig", optimizer=sgd, image_size=32,
+                   width_coefficient=0.25, depth_coefficient=0.25, hidden_dim=320)  # fmt: skip
+
+
+def segformer() -> Case:
+    """Semantic segmentation: per-pixel labels, logits upsampled to the image in the loss."""
+    model = _hf("SegformerForSemanticSegmentation", "SegformerConfig", num_encoder_blocks=2, depths=[1, 1],
+                sr_ratios=[2, 1], hidden_sizes=[16, 32], patch_sizes=[7, 3], strides=[4, 2],
+                num_attention_heads=[1, 2], decoder_hidden_size=32, num_labels=3)  # fmt: skip
+    pixels = torch.randn(BATCH, 3, 32, 32, generator=_gen())
+    labels = torch.randint(0, 3, (BATCH, 32, 32), generator=_gen(2))
+    return Case(model, adamw, (pixels, labels), hf_step("pixel_values", "labels"))
+
+
+# image-text contrastive: the step passes return_loss=True
+
+
+def _contrastive_step(*keys: str) -> Callable[..., torch.Tensor]:
+    def train_step(model, optimizer, *batch):
+        optimizer.zero_grad()
+        loss = model(**dict(zip(keys, batch, strict=True)), return_loss=True).loss
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    return train_step
+
+
+_TEXT = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             max_position_embeddings=64, pad_token_id=0)  # fmt: skip
+_VISION = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+               num_attention_heads=4)  # fmt: skip
+
+
+def clip() -> Case:
+    model = _hf("CLIPModel", "CLIPConfig", text_config=dict(_TEXT, bos_token_id=1, eos_token_id=2),
+                vision_config=_VISION, projection_dim=16)  # fmt: skip
+    ids, mask, _ = _lm_batch()
+    pixels = torch.randn(BATCH, 3, 32, 32, generator=_gen(5))
+    return Case(model, adamw, (ids, mask, pixels), _contrastive_step("input_ids", "attention_mask", "pixel_values"))
+
+
+def siglip() -> Case:
+    model = _hf("SiglipModel", "SiglipConfig", text_config=_TEXT, vision_config=_VISION)
+    ids, _, _ = _lm_batch()
+    pixels = torch.randn(BATCH, 3, 32, 32, generator=_gen(5))
+    return Case(model, adamw, (ids, pixels), _contrastive_step("input_ids", "pixel_values"))
 
 
 # audio
@@ -543,9 +800,27 @@ ZOO: dict[str, Callable[[], Case]] = {
     "gpt_bigcode": gpt_bigcode,
     "opt": opt,
     "bloom": bloom,
+    "mpt": mpt,
+    "stablelm": stablelm,
+    "starcoder2": starcoder2,
+    "olmo": olmo,
+    "olmo2": olmo2,
+    "cohere": cohere,
+    "granite": granite,
+    "persimmon": persimmon,
+    "codegen": codegen,
+    "xglm": xglm,
+    # state-space and recurrent decoders
+    "mamba": mamba,
+    "rwkv": rwkv,
+    "jamba": jamba,
+    "recurrent_gemma": recurrent_gemma,
     # mixture of experts
     "mixtral": mixtral,
     "qwen2_moe": qwen2_moe,
+    "granitemoe": granitemoe,
+    "olmoe": olmoe,
+    "dbrx": dbrx,
     # encoders, single-label sequence classification
     "bert": bert,
     "roberta": roberta,
@@ -553,16 +828,39 @@ ZOO: dict[str, Callable[[], Case]] = {
     "electra": electra,
     "albert": albert,
     "deberta_v2": deberta_v2,
+    "mpnet": mpnet,
+    "megatron_bert": megatron_bert,
+    "xlnet": xlnet,
+    "funnel": funnel,
+    "layoutlm": layoutlm,
+    "canine": canine,
     # encoder-decoders with labels
     "t5": t5,
     "bart": bart,
     "marian": marian,
     "pegasus": pegasus,
+    "mbart": mbart,
+    "blenderbot": blenderbot,
+    "longt5": longt5,
+    "led": led,
+    "switch_transformers": switch_transformers,
+    "nllb_moe": nllb_moe,
     # vision
     "vit": vit,
     "convnext": convnext,
     "resnet": resnet,
     "swin": swin,
+    "beit": beit,
+    "deit": deit,
+    "dinov2": dinov2,
+    "levit": levit,
+    "poolformer": poolformer,
+    "regnet": regnet,
+    "efficientnet": efficientnet,
+    "segformer": segformer,
+    # image-text contrastive
+    "clip": clip,
+    "siglip": siglip,
     # audio
     "wav2vec2": wav2vec2,
     "wav2vec2_ctc": wav2vec2_ctc,
