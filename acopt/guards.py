@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from acopt import python_values
 from acopt.errors import GuardFailure
 
 
@@ -70,6 +71,8 @@ class Guards:
     # shape, dtype, device, strides, requires_grad of every tensor input
     input_meta: list[tuple]
     input_names: list[str]
+    # plain values the user's code read from globals, closures and config objects (acopt.python_values)
+    python_values: list = dataclasses.field(default_factory=list)
 
     @classmethod
     def record(
@@ -129,6 +132,12 @@ class Guards:
         if autocast_state() != self.autocast:
             raise GuardFailure(
                 f"autocast changed since tracing (traced with {self.autocast}, now {autocast_state()}); trace again"
+            )
+        moved = python_values.changed(self.python_values)
+        if moved is not None:
+            raise GuardFailure(
+                f"{python_values.describe(*moved)} (the traced step holds the value it had; a value that changes "
+                "every step is better passed to train_step as a tensor); trace again"
             )
         for name, m, training, n_p, n_b, n_c, hooks in self.modules:
             if m.training != training:

@@ -56,6 +56,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.nn.utils import stateless
 from torch.utils import _pytree as pytree
 
+from acopt import python_values
 from acopt.errors import GuardFailure, UnsupportedStep
 from acopt.guards import Guards, tensor_meta
 from acopt.planning import Plan
@@ -69,6 +70,7 @@ from acopt.tracer import (
     _Binding,
     _check_attributes,
     _check_not_distributed,
+    _check_python_values_unchanged,
     _compiling_flag,
     _drop_noise,
     _dynamo_disabled,
@@ -287,6 +289,7 @@ def trace_module(
     batch_tensors = layout.tensors((args, kwargs))
     params = list(model.named_parameters())
     buffers = list(model.named_buffers())
+    reads = python_values.record(None, model)  # globals and config values the model's own code reads
     host_rng = _HostRng.capture()  # a forward drawing from Python's or NumPy's generator is refused
     outputs = _trace_forward_outputs(model, params, buffers, layout, batch_tensors, grad_outputs)
     if not outputs.differentiable:
@@ -310,6 +313,8 @@ def trace_module(
         read_keys=[],
         inputs=[*params, *buffers, *zip(full_layout.names, full_batch), *((f"constant {n}", t) for n, t in joint.constants)],
     )
+    _check_python_values_unchanged(reads)
+    guards.python_values = reads
     gm = joint.gm
     n_out = len(outputs.meta)
     step = TracedStep(

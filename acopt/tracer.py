@@ -60,7 +60,7 @@ from torch.nn.utils import stateless
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils import _pytree as pytree
 
-from acopt import module_names
+from acopt import module_names, python_values
 from acopt.collectives import hold_until_wait, is_collective
 from acopt.errors import GuardFailure, UnsupportedStep
 from acopt.guards import Guards, tensor_meta
@@ -431,6 +431,7 @@ def trace(
     """
     start = time.perf_counter()
     model = _unwrap_compiled(model)
+    reads = python_values.record(train_step, model)  # globals, closures, config objects the code reads
     model, train_step, distributed, wrapper_settings = _distributed_tracing(model, train_step)
     optimizer_set = OptimizerSet.of(optimizer)
     optimizers = optimizer_set.live()
@@ -496,6 +497,8 @@ def trace(
             ],
         )
         guards.settings.extend(wrapper_settings)  # e.g. DDP's no_sync() flag: checked at every call
+        _check_python_values_unchanged(reads)
+        guards.python_values = reads
     except BaseException:
         for opt, added in added_state:
             for p in added:
@@ -546,9 +549,10 @@ def _trace_twice(args: tuple, added_state: list, capturable: set[int], host_rng:
     form unless in ``capturable``; a literal that differs there asks for that form."""
     params, optimizers = args[6], args[3]
     first = _trace(*args, trace_id=0, capturable=capturable)
-    # Eager creates state only for parameters that get a gradient: take back
-    # what was made for the others (unused branches) and trace again.
-    with_grad = {id(params[i][1]) for i in first.grad_params}
+    # Eager creates state only for parameters that hold a gradient when their optimizer
+    # steps: take back what was made for the others (unused branches) and trace again.
+    # (Not the gradients left at the end: a zero_grad() after step() clears those.)
+    with_grad = {id(params[i][1]) for i in first.grads_at_step}
     unused = [(opt, p) for opt, added in added_state for p in added if id(p) not in with_grad]
     if unused:
         for opt, p in unused:
@@ -631,6 +635,20 @@ def _same_numpy_state(a, b) -> bool:
     import numpy
 
     return a[0] == b[0] and numpy.array_equal(a[1], b[1]) and tuple(a[2:]) == tuple(b[2:])
+
+
+def _check_python_values_unchanged(reads: list) -> None:
+    """Refuse a step that writes a plain global, closure variable or config value it
+    reads (a step counter): the graph runs no Python, so eager's write would be lost.
+    Tracing ran the step, so the recorded values are put back first."""
+    moved = python_values.changed(reads)
+    if moved is not None:
+        python_values.restore(reads)
+        raise UnsupportedStep(
+            f"train_step changes a Python value it reads ({python_values.describe(*moved)}); a traced step runs "
+            "no Python, so that write would be lost: keep counters and settings outside train_step, or pass them "
+            "as tensors"
+        )
 
 
 def _distributed_tracing(model, train_step):
@@ -1091,6 +1109,7 @@ class _Traced:
     zeroed_without_grad: list[int] = dataclasses.field(default_factory=list)
     set_modes: list[tuple[torch.nn.Module, bool]] = dataclasses.field(default_factory=list)
     reset_grads: list[int] | None = None
+    grads_at_step: list[int] = dataclasses.field(default_factory=list)
     zeroed_grads: list[int] = dataclasses.field(default_factory=list)
 
 
@@ -1168,6 +1187,7 @@ def _trace(
         counters.backward_marks.append((start, _graph_len()))
 
     stepped: set[int] = set()
+    grads_at_step: set[int] = set()  # parameters holding a gradient when their optimizer steps
 
     def make_step(opt):
         real_step = opt.step
@@ -1181,6 +1201,8 @@ def _trace(
             stepped.add(id(opt))
             counters.steps += 1
             counters.step_mark = _graph_len()
+            for idx, group in zip(group_param_index[index], opt.param_groups, strict=True):
+                grads_at_step.update(i for i, p in zip(idx, group["params"], strict=True) if p.grad is not None)
             with eager_form(index) if eager else contextlib.nullcontext():
                 return real_step(*args, **kwargs)
 
@@ -1342,6 +1364,7 @@ def _trace(
         gm, state_slots, grad_params, reassigned, constants, hyper_inputs, book, out_spec, out_spec.num_leaves, after_step,
         zeroed_without_grad=sorted((zeroed - set(grad_params)) & stepped_params), set_modes=set_modes,
         reset_grads=sorted(cleared - zeroed), zeroed_grads=sorted(zeroed - set(grad_params)),
+        grads_at_step=sorted(grads_at_step),
     )  # fmt: skip
 
 
