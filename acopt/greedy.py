@@ -253,15 +253,15 @@ class _Block:
 
     @functools.cached_property
     def sources(self) -> frozenset[str]:
-        return frozenset(self.bits.candidates[r] for r in self.bits.members(self.source_bits))
+        return frozenset(self.bits.candidates[r] for r in self.bits.indices(self.source_bits))
 
     @functools.cached_property
     def chain(self) -> frozenset[str]:
-        return frozenset(self.bits.candidates[r] for r in self.bits.members(self.chain_bits))
+        return frozenset(self.bits.candidates[r] for r in self.bits.indices(self.chain_bits))
 
     @functools.cached_property
     def held(self) -> frozenset[str]:
-        return frozenset(self.bits.held[k] for k in self.bits.members(self.held_bits))
+        return frozenset(self.bits.held[k] for k in self.bits.indices(self.held_bits))
 
     @functools.cached_property
     def random(self) -> frozenset[str]:
