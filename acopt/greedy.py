@@ -127,10 +127,14 @@ through its inputs that are not available under R, the closures of those
 inputs. It depends only on R's choice for the candidates that the inputs it
 looked at refer to (its ``deps``), so it is kept with R restricted to them
 (``key``) and reused for every plan that agrees there, the few most recent
-per node (``_CLOSURES_KEPT``). Sets are Python ints used as bit sets (nodes
-by index, candidates by rank), so a closure is the OR of its inputs', and a
-change computes only the closures it changes (on a chain, about two per
-block it touches) however long the blocks are. A block's time is still its
+per node (``_CLOSURES_KEPT``). What a closure reaches through inputs that
+are never available (forward-only storages) is the same under every plan:
+it is computed once per node (``_local_closure``), so closures are kept
+only for candidates' outputs and the nodes that refer to candidates. Sets
+are Python ints used as bit sets (nodes by index, candidates by rank), so a
+closure is the OR of its inputs', and a change computes only the closures
+it changes (on a chain, about two per block it touches) however long the
+blocks are. A block's time is still its
 nodes' times added one after another in graph order, the very float a walk
 gives, kept per member set; its name sets (``nodes``, ``sources``,
 ``chain``, ``held``) are made from the bits when read. The plans are the
@@ -337,6 +341,7 @@ class _Plan:
                     random |= 1 << k
         self.bits = _Bits([n.name for n in nodes], [n.time_s for n in nodes], self.candidates, held_names, random)
         self._closures: list[list[tuple]] = [[] for _ in range(head)]  # Note P9
+        self._local: list[tuple | None] = [None] * head  # Note P9: _local_closure, when known
         # Per node: its inputs that are never available and what the always
         # available ones (no candidate storage) hold; its other inputs, with
         # the candidates they refer to.
@@ -424,9 +429,7 @@ class _Plan:
                 if k:
                     memo[v].insert(0, memo[v].pop(k))
                 return e
-        fixed, watched, watch, hold, names, replayable = (
-            self._fixed, self._watched, self._watch, self._hold, self.bits.names, self.replayable,
-        )  # fmt: skip
+        local, hold = self._local, self._hold
         known: dict[int, tuple] = {}  # closures under ``recompute`` met in this call
         stack = [v]
         while stack:
@@ -434,34 +437,33 @@ class _Plan:
             if u in known:
                 stack.pop()  # reached twice (two readers were on the stack)
                 continue
-            never_inputs, held = fixed[u]
+            here = local[u] if local[u] is not None else self._local_closure(u)
             deps = sources = 0
+            held = here[2]
             found = []
             missing = False
-            for i, w in watched[u]:
+            for i, w in here[1]:
                 deps |= w
-                if w & recompute:
-                    never_inputs += (i,)
+                if w & recompute:  # not available: a member
+                    e = known.get(i)
+                    if e is None:
+                        for e in memo[i]:
+                            if recompute & e[0] == e[1]:
+                                known[i] = e
+                                break
+                        else:
+                            stack.append(i)
+                            missing = True
+                            continue
+                    found.append(e)
                 else:  # available: a source
                     sources |= w
                     held |= hold[i]
-            for i in never_inputs:  # not available: members
-                e = known.get(i)
-                if e is None:
-                    for e in memo[i]:
-                        if recompute & e[0] == e[1]:
-                            known[i] = e
-                            break
-                    else:
-                        stack.append(i)
-                        missing = True
-                        continue
-                found.append(e)
             if missing:
                 continue
             stack.pop()
             self.closures += 1
-            members, chain, bad = 1 << u, watch[u], not replayable(names[u])
+            members, chain, bad = here[0], here[3], here[4]
             for e in found:
                 deps |= e[0]
                 members |= e[2]
@@ -473,6 +475,41 @@ class _Plan:
             memo[u].insert(0, entry)
             del memo[u][_CLOSURES_KEPT:]
         return known[v]
+
+    def _local_closure(self, u: int) -> tuple:
+        """Note P9: what node ``u``'s closure holds whatever the plan: ``u`` and,
+        through its inputs that are never available, their inputs of the same
+        kind, ``(members, watched, held, chain, bad)``: those nodes, the inputs
+        they read that refer to candidates (with their candidate bits), what
+        their always-available inputs hold, the candidates the nodes refer to,
+        and whether one cannot be replayed."""
+        fixed, watched, watch, names, replayable = (
+            self._fixed,
+            self._watched,
+            self._watch,
+            self.bits.names,
+            self.replayable,
+        )
+        members = held = chain = 0
+        bad = False
+        reads: dict[int, int] = {}
+        seen: set[int] = set()
+        stack = [u]
+        while stack:
+            x = stack.pop()
+            if x in seen:
+                continue
+            seen.add(x)
+            members |= 1 << x
+            chain |= watch[x]
+            bad = bad or not replayable(names[x])
+            never_inputs, held_fixed = fixed[x]
+            held |= held_fixed
+            stack.extend(never_inputs)
+            for i, w in watched[x]:
+                reads[i] = w
+        out = self._local[u] = (members, tuple(sorted(reads.items())), held, chain, bad)
+        return out
 
     def walk(self, a: str, recompute: int) -> _Block | None:
         """``MemoryModel.block(a, R)`` for the plan ``R`` given as candidate bits
