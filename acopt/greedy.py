@@ -115,6 +115,31 @@ block's own intermediates, say) the peak-aware picks stop, and the plan
 restarts from mu-TWO's (acopt/mu_two.py), which fits whenever the budget is
 at least the floor; prune, exchange and kicks then improve it.
 
+Note P9 (closures: walks that do not grow with the chains). Near the floor
+most candidates are picked, so rule 4's chains run back many layers and a
+block can hold most of the forward graph; a change re-walks every block it
+touches (Note P6), and a walk from the block's activation back to its
+sources visits every node of it: on Llama-shaped profiles at floor+10% the
+walks visited 0.7 M, 7 M and 30 M nodes at 4, 8 and 16 layers, and the
+32-layer one planned for more than 20 minutes. Instead a block is the union
+of its outputs' *closures*: a node's closure under R is the node and,
+through its inputs that are not available under R, the closures of those
+inputs. It depends only on R's choice for the candidates that the inputs it
+looked at refer to (its ``deps``), so it is kept with R restricted to them
+(``key``) and reused for every plan that agrees there, the few most recent
+per node (``_CLOSURES_KEPT``). What a closure reaches through inputs that
+are never available (forward-only storages) is the same under every plan:
+it is computed once per node (``_local_closure``), so closures are kept
+only for candidates' outputs and the nodes that refer to candidates. Sets
+are Python ints used as bit sets (nodes by index, candidates by rank), so a
+closure is the OR of its inputs', and a change computes only the closures
+it changes (on a chain, about two per block it touches) however long the
+blocks are. A block's time is still its
+nodes' times added one after another in graph order, the very float a walk
+gives, kept per member set; its name sets (``nodes``, ``sources``,
+``chain``, ``held``) are made from the bits when read. The plans are the
+walks' plans, bit for bit.
+
 Determinism: every loop runs over picks and candidates in creation order or
 sorted by (value, creation order), never in set order, and the effort limits
 count simulations and moves, not seconds: the same profile and budget give
@@ -125,7 +150,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gc
+import itertools
 import time
 
 import numpy as np
@@ -161,19 +188,95 @@ class GreedyOptions:
             raise ValueError(f"min_time_s must be positive, not {self.min_time_s!r}")
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+class _Bits:
+    """Names of the bits the plan's sets are made of (Note P9): node ``i`` of
+    the profile is bit ``i`` of a member set, candidate of rank ``r`` bit ``r``
+    of a candidate set, ``held[k]`` bit ``k`` of a held set. Shared by the
+    blocks of one plan."""
+
+    def __init__(self, names, times, candidates, held, random: int):
+        self.names, self.candidates, self.held, self.random = names, candidates, held, random
+        self.time_list = list(times)
+        self.times = np.asarray(self.time_list, dtype=np.float64)
+        self._time: dict[int, float] = {}
+
+    @staticmethod
+    def members(bits: int) -> list[int]:
+        """The set bits of ``bits``, in increasing order (fast for few)."""
+        out = []
+        while bits:
+            low = bits & -bits
+            out.append(low.bit_length() - 1)
+            bits ^= low
+        return out
+
+    @staticmethod
+    def _array(bits: int) -> np.ndarray:
+        """The set bits of ``bits``, in increasing order (fast for many)."""
+        raw = np.frombuffer(bits.to_bytes((bits.bit_length() + 7) // 8, "little"), dtype=np.uint8)
+        return np.flatnonzero(np.unpackbits(raw, bitorder="little"))
+
+    def indices(self, bits: int) -> list[int]:
+        return self.members(bits) if bits.bit_count() <= _FEW else self._array(bits).tolist()
+
+    def time_of(self, members: int) -> float:
+        """The summed time of the member nodes, added one after another in graph
+        order, as ``sum()`` over ``MemoryModel.block``'s nodes adds them (so the
+        same float: ``cumsum`` adds in order too); remembered by member set."""
+        t = self._time.get(members)
+        if t is None:
+            if len(self._time) >= _TIMES_KEPT:
+                self._time.clear()
+            if members.bit_count() <= _FEW:
+                t = sum([self.time_list[i] for i in self.members(members)])
+            else:
+                t = float(np.cumsum(self.times[self._array(members)])[-1])
+            self._time[members] = t
+        return t
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class _Block:
     """``MemoryModel.block(activation, R)``, as the fast path reads it, plus
-    the candidate storages its sources and its members refer to (Note P6)."""
+    the candidate storages its sources and its members refer to (Note P6).
+    The sets are kept as bits (Note P9); their names are derived on demand."""
 
     activation: str
     position: int
-    nodes: tuple[str, ...]  # in graph order
     time_s: float
-    sources: frozenset[str]  # picking one of these grows the block
-    chain: frozenset[str]  # dropping one of these shrinks it
-    held: frozenset[str]  # activations its sources refer to: kept alive until the block (Note P1)
-    random: frozenset[str]  # random nodes it replays: their generator states are kept until then (rule 7)
+    member_bits: int  # by node index
+    source_bits: int  # by candidate rank: picking one of these grows the block
+    chain_bits: int  # by candidate rank: dropping one of these shrinks it
+    held_bits: int  # activations its sources refer to: kept alive until the block (Note P1)
+    bits: _Bits = dataclasses.field(repr=False)
+
+    @functools.cached_property
+    def nodes(self) -> tuple[str, ...]:  # in graph order
+        names = self.bits.names
+        return tuple([names[i] for i in self.bits.indices(self.member_bits)])
+
+    @functools.cached_property
+    def sources(self) -> frozenset[str]:
+        return frozenset(self.bits.candidates[r] for r in self.bits.indices(self.source_bits))
+
+    @functools.cached_property
+    def chain(self) -> frozenset[str]:
+        return frozenset(self.bits.candidates[r] for r in self.bits.indices(self.chain_bits))
+
+    @functools.cached_property
+    def held(self) -> frozenset[str]:
+        return frozenset(self.bits.held[k] for k in self.bits.indices(self.held_bits))
+
+    @functools.cached_property
+    def random(self) -> frozenset[str]:
+        """Random nodes it replays: their generator states are kept until then (rule 7)."""
+        return frozenset(self.bits.names[i] for i in self.bits.members(self.member_bits & self.bits.random))
+
+    @functools.cached_property
+    def holds(self) -> tuple:
+        """What it keeps alive until it runs (Note P1): ``held``, and ``("rng", v)``
+        for each random node ``v`` it replays."""
+        return (*self.held, *(("rng", v) for v in sorted(self.random)))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -187,35 +290,74 @@ class _Change:
     delta_s: float
 
 
+_CLOSURES_KEPT = 4  # Note P9: closures remembered per node
+_TIMES_KEPT = 50_000  # Note P9: block times remembered by member set
+_FEW_DEPS = 16  # Note P9: cached changes that depend on at most this many candidates are indexed
+_FEW = 64  # Note P9: sets of at most this many bits are read bit by bit, larger ones by numpy
+
+
 class _Plan:
     """A plan R with the exact block of every pick, changed by adds and drops (Note P6)."""
 
     def __init__(self, profile: Profile, model: MemoryModel):
         nodes = profile.nodes
         index = self.index = profile.node_index
-        self.inputs = {n.name: n.inputs for n in nodes}
-        self.time = {n.name: n.time_s for n in nodes}
         self.replayable = model._replayable_cached
-        self.random = {n.name for n in nodes if n.random} if profile.rng_state_bytes else set()
         self.candidates = model.candidates
         self.rank = {c: i for i, c in enumerate(self.candidates)}
+        self.cbit = {c: 1 << i for i, c in enumerate(self.candidates)}
         candidate_set = set(self.candidates)
         placeholder, activations = model.placeholder_storages, model.activation_set
-        # As MemoryModel.available: a node is never available (it refers to a
-        # forward-only storage), or available unless a candidate storage it
-        # refers to is recomputed (``watch``); placeholders always are.
-        self.never = {
-            n.name for n in nodes
-            if not n.is_placeholder and any(s not in placeholder and s not in activations for s in n.storages)
-        }  # fmt: skip
-        self.watch, self.holds = {}, {}
-        for n in nodes:
-            cands = tuple(s for s in n.storages if s in candidate_set)
-            if cands and not n.is_placeholder:
-                self.watch[n.name] = cands
-            kept = tuple(s for s in n.storages if s in activations and s not in model.output_storages)
-            if kept and not n.is_placeholder:
-                self.holds[n.name] = kept
+        # Note P9: per node index, as bits. As MemoryModel.available: a node is
+        # never available (it refers to a forward-only storage), or available
+        # unless a candidate storage it refers to is recomputed (``watch``);
+        # placeholders always are. ``hold``: the kept activations it refers to.
+        # Blocks replay forward nodes and what they read, which comes earlier:
+        # only the nodes up to the last forward one are needed.
+        head = 1 + max((k for k, n in enumerate(nodes) if n.region == Region.FORWARD), default=-1)
+        never, watch, hold = [False] * head, [0] * head, [0] * head
+        held_names: list[str] = []
+        held_id: dict[str, int] = {}
+        outputs, cbit = model.output_storages, self.cbit
+        for k, n in enumerate(nodes[:head]):
+            if n.is_placeholder:
+                continue
+            for s in n.storages:
+                if s in activations:
+                    if s in candidate_set:
+                        watch[k] |= cbit[s]
+                    if s not in outputs:
+                        if s not in held_id:
+                            held_id[s] = len(held_names)
+                            held_names.append(s)
+                        hold[k] |= 1 << held_id[s]
+                elif s not in placeholder:
+                    never[k] = True
+        self._watch, self._hold = watch, hold
+        random = 0
+        if profile.rng_state_bytes:
+            for k, n in enumerate(nodes[:head]):
+                if n.random:
+                    random |= 1 << k
+        self.bits = _Bits([n.name for n in nodes], [n.time_s for n in nodes], self.candidates, held_names, random)
+        self._closures: list[list[tuple]] = [[] for _ in range(head)]  # Note P9
+        self._local: list[tuple | None] = [None] * head  # Note P9: _local_closure, when known
+        # Per node: its inputs that are never available and what the always
+        # available ones (no candidate storage) hold; its other inputs, with
+        # the candidates they refer to.
+        self._fixed: list[tuple[tuple[int, ...], int]] = []
+        self._watched: list[tuple[tuple[int, int], ...]] = []
+        for n in nodes[:head]:
+            never_inputs, held_fixed, watched = [], 0, []
+            for i in map(index.__getitem__, n.inputs):
+                if never[i]:
+                    never_inputs.append(i)
+                elif watch[i]:
+                    watched.append((i, watch[i]))
+                else:
+                    held_fixed |= hold[i]
+            self._fixed.append((tuple(never_inputs), held_fixed))
+            self._watched.append(tuple(watched))
         later, users = model.later_users, profile.users
         forward = {n.name for n in nodes if n.region == Region.FORWARD}
         self.outputs, self.position, self.fw_last, self.freed = {}, {}, {}, {}
@@ -246,6 +388,7 @@ class _Plan:
                 if last < self.position[c] - 1:
                     self.span[c][s] = last
             self.freed[c] = sum(sizes[s] for s in sorted(self.span[c]))
+        self._outputs = {c: tuple(index[v] for v in self.outputs[c]) for c in self.candidates}
         # Candidates whose spans overlap free the shared storages once (Note P1).
         self.shares = {c: frozenset(q for q in self.candidates if q != c and self.span[q].keys() & self.span[c].keys())
                        for c in self.candidates if len(self.span[c]) > 1}  # fmt: skip
@@ -253,67 +396,159 @@ class _Plan:
             for q in qs:
                 self.shares[q] = self.shares.get(q, frozenset()) | {c}
         self.recompute: set[str] = set()
+        self.recompute_bits = 0
         self.blocks: dict[str, _Block] = {}
-        self.src_readers: dict[str, set[str]] = {}  # storage -> picks whose sources refer to it
-        self.chain_readers: dict[str, set[str]] = {}  # storage -> picks whose members refer to it
+        # by candidate rank: the picks (bits) whose blocks' sources, or members, refer to it
+        self.src_readers = [0] * len(self.candidates)
+        self.chain_readers = [0] * len(self.candidates)
         # Note P6: the time adding one candidate or dropping one pick changes,
-        # cached; ``_deps`` maps a storage to the cached entries whose walks
-        # looked at a node referring to it.
+        # cached, with the candidates its walks looked at: few of them are
+        # indexed by candidate rank (``_deps``: rank -> entries), many kept as
+        # bits (``_wide``) and scanned at each commit (Note P9).
         self._changes: dict[tuple[str, str], _Change | None] = {}
         self._invalid: set[tuple[str, str]] = set()
-        self._deps: dict[str, set[tuple[str, str]]] = {}
+        self._deps: list[set[tuple[str, str]]] = [set() for _ in self.candidates]
+        self._wide: dict[tuple[str, str], int] = {}
         self.added = np.full(len(self.candidates), np.nan)  # added_time by rank, nan: not known
+        # Note P9, the work: blocks walked, their nodes (what walking each from
+        # scratch would visit), and the closures computed for them.
+        self.walks = self.walked_nodes = self.closures = 0
 
-    def walk(self, a: str, recompute) -> _Block | None:
-        """``MemoryModel.block(a, recompute)``, or None if it would replay a node
-        that cannot be replayed."""
-        never, watch, inputs, replayable, holds = self.never, self.watch, self.inputs, self.replayable, self.holds
-        members: set[str] = set()
-        sources: set[str] = set()
-        chain: set[str] = set()
-        held: set[str] = set()
-        stack = list(self.outputs[a])
+    def _closure(self, v: int, recompute: int) -> tuple:
+        """Note P9: the closure of node ``v`` under the plan ``recompute`` (bits),
+        ``(deps, key, members, sources, chain, held, bad)``: ``v`` and, through
+        the inputs that are not available, everything they read back to the
+        available ones; the candidates whose state it looked at (``deps``; it
+        holds for every plan that agrees with ``recompute`` on them: ``key``);
+        the candidate bits of the available inputs (sources) and of the members
+        (chain); the kept activations the available inputs refer to; whether a
+        member cannot be replayed."""
+        memo = self._closures
+        for k, e in enumerate(memo[v]):
+            if recompute & e[0] == e[1]:
+                if k:
+                    memo[v].insert(0, memo[v].pop(k))
+                return e
+        local, hold = self._local, self._hold
+        known: dict[int, tuple] = {}  # closures under ``recompute`` met in this call
+        stack = [v]
         while stack:
-            v = stack.pop()
-            if v in members:
+            u = stack[-1]
+            if u in known:
+                stack.pop()  # reached twice (two readers were on the stack)
                 continue
-            if not replayable(v):
+            here = local[u] if local[u] is not None else self._local_closure(u)
+            deps = sources = 0
+            held = here[2]
+            found = []
+            missing = False
+            for i, w in here[1]:
+                deps |= w
+                if w & recompute:  # not available: a member
+                    e = known.get(i)
+                    if e is None:
+                        for e in memo[i]:
+                            if recompute & e[0] == e[1]:
+                                known[i] = e
+                                break
+                        else:
+                            stack.append(i)
+                            missing = True
+                            continue
+                    found.append(e)
+                else:  # available: a source
+                    sources |= w
+                    held |= hold[i]
+            if missing:
+                continue
+            stack.pop()
+            self.closures += 1
+            members, chain, bad = here[0], here[3], here[4]
+            for e in found:
+                deps |= e[0]
+                members |= e[2]
+                sources |= e[3]
+                chain |= e[4]
+                held |= e[5]
+                bad = bad or e[6]
+            entry = known[u] = (deps, recompute & deps, members, sources, chain, held, bad)
+            memo[u].insert(0, entry)
+            del memo[u][_CLOSURES_KEPT:]
+        return known[v]
+
+    def _local_closure(self, u: int) -> tuple:
+        """Note P9: what node ``u``'s closure holds whatever the plan: ``u`` and,
+        through its inputs that are never available, their inputs of the same
+        kind, ``(members, watched, held, chain, bad)``: those nodes, the inputs
+        they read that refer to candidates (with their candidate bits), what
+        their always-available inputs hold, the candidates the nodes refer to,
+        and whether one cannot be replayed."""
+        fixed, watched, watch, names, replayable = (
+            self._fixed,
+            self._watched,
+            self._watch,
+            self.bits.names,
+            self.replayable,
+        )
+        members = held = chain = 0
+        bad = False
+        reads: dict[int, int] = {}
+        seen: set[int] = set()
+        stack = [u]
+        while stack:
+            x = stack.pop()
+            if x in seen:
+                continue
+            seen.add(x)
+            members |= 1 << x
+            chain |= watch[x]
+            bad = bad or not replayable(names[x])
+            never_inputs, held_fixed = fixed[x]
+            held |= held_fixed
+            stack.extend(never_inputs)
+            for i, w in watched[x]:
+                reads[i] = w
+        out = self._local[u] = (members, tuple(sorted(reads.items())), held, chain, bad)
+        return out
+
+    def walk(self, a: str, recompute: int) -> _Block | None:
+        """``MemoryModel.block(a, R)`` for the plan ``R`` given as candidate bits
+        (``a`` in it), or None if it would replay a node that cannot be
+        replayed: the union of its outputs' closures (Note P9)."""
+        self.walks += 1
+        members = sources = chain = held = 0
+        for o in self._outputs[a]:
+            e = self._closure(o, recompute)
+            if e[6]:
                 return None
-            members.add(v)
-            refers = watch.get(v)
-            if refers:
-                chain.update(refers)
-            for i in inputs[v]:
-                if i in members:
-                    continue
-                refers = watch.get(i)
-                if i in never or (refers and not recompute.isdisjoint(refers)):
-                    stack.append(i)
-                    continue
-                if refers:  # available: a source
-                    sources.update(refers)
-                kept = holds.get(i)
-                if kept:
-                    held.update(kept)
-        chain.discard(a)
-        ordered = sorted(members, key=self.index.__getitem__)
-        time_s = self.time
+            members |= e[2]
+            sources |= e[3]
+            chain |= e[4]
+            held |= e[5]
+        self.walked_nodes += members.bit_count()
         return _Block(
-            activation=a, position=self.position[a], nodes=tuple(ordered), time_s=sum([time_s[v] for v in ordered]),
-            sources=frozenset(sources), chain=frozenset(chain), held=frozenset(held),
-            random=frozenset(v for v in ordered if v in self.random) if self.random else frozenset(),
+            activation=a, position=self.position[a], time_s=self.bits.time_of(members), member_bits=members,
+            source_bits=sources, chain_bits=chain & ~self.cbit[a], held_bits=held, bits=self.bits,
         )  # fmt: skip
+
+    def _bits(self, names) -> int:
+        out = 0
+        for c in names:
+            out |= self.cbit[c]
+        return out
 
     def change(self, add=(), drop=()) -> _Change | None:
         """What adding ``add`` and dropping ``drop`` would do (None: a block could
         not be replayed). Only the blocks it touches are walked (Note P6)."""
         add, drop = frozenset(add), frozenset(drop)
-        after = (self.recompute | add) - drop
-        touched = set(add)
-        for s in add:
-            touched |= self.src_readers.get(s, set())
-        for s in drop:
-            touched |= self.chain_readers.get(s, set())
+        add_bits, drop_bits = self._bits(add), self._bits(drop)
+        after = (self.recompute_bits | add_bits) & ~drop_bits
+        readers = 0  # the picks whose blocks it changes: sources it adds, members it drops
+        for c in add:
+            readers |= self.src_readers[self.rank[c]]
+        for c in drop:
+            readers |= self.chain_readers[self.rank[c]]
+        touched = set(add).union(self.candidates[r] for r in _Bits.members(readers))
         touched -= drop
         blocks: dict[str, _Block] = {}
         delta = 0.0
@@ -350,44 +585,54 @@ class _Plan:
         if ch is None:
             self._invalid.add(key)  # stays so while picks are only added (blocks only grow)
         else:
-            for s in {c}.union(*(b.sources | b.chain for b in ch.blocks.values())):
-                self._deps.setdefault(s, set()).add(key)
+            deps = self.cbit[c]
+            for b in ch.blocks.values():
+                deps |= b.source_bits | b.chain_bits
+            if deps.bit_count() <= _FEW_DEPS:
+                for r in _Bits.members(deps):
+                    self._deps[r].add(key)
+            else:
+                self._wide[key] = deps
         return ch
 
     def commit(self, ch: _Change) -> None:
         """Apply ``ch``. A cached add of ``c`` depends on the blocks with ``c``
         among their sources, a cached drop of ``p`` on ``p``'s block and the blocks
         with ``p`` among their members, and both on what their walks looked at."""
-        stale: set[tuple[str, str]] = set()
-        for s in ch.add | ch.drop:
-            stale |= self._deps.pop(s, set())
-            stale |= {("add", s), ("drop", s)}
+        changed_bits = self._bits(ch.add | ch.drop)
+        walked = sources = chain = 0  # of the blocks it changes, before and after
         for a in sorted(ch.drop | set(ch.blocks), key=self.rank.__getitem__):
-            stale.add(("drop", a))
+            bit = self.cbit[a]
+            walked |= bit
             old = self.blocks.pop(a, None)
-            if old is not None:
-                stale.update(("add", s) for s in old.sources)
-                stale.update(("drop", s) for s in old.chain)
-                for s in old.sources:
-                    self.src_readers[s].discard(a)
-                for s in old.chain:
-                    self.chain_readers[s].discard(a)
+            old_sources, old_chain = (old.source_bits, old.chain_bits) if old is not None else (0, 0)
             new = ch.blocks.get(a)
+            new_sources, new_chain = (new.source_bits, new.chain_bits) if new is not None else (0, 0)
             if new is not None:
                 self.blocks[a] = new
-                stale.update(("add", s) for s in new.sources)
-                stale.update(("drop", s) for s in new.chain)
-                for s in new.sources:
-                    self.src_readers.setdefault(s, set()).add(a)
-                for s in new.chain:
-                    self.chain_readers.setdefault(s, set()).add(a)
+            sources |= old_sources | new_sources
+            chain |= old_chain | new_chain
+            for r in _Bits.members(old_sources ^ new_sources):
+                self.src_readers[r] ^= bit
+            for r in _Bits.members(old_chain ^ new_chain):
+                self.chain_readers[r] ^= bit
         self.recompute = (self.recompute | ch.add) - ch.drop
+        self.recompute_bits = self._bits(self.recompute)
+        stale = set(self._invalid) if ch.drop else set()
         if ch.drop:
-            stale |= self._invalid
             self._invalid = set()
+        cands = self.candidates
+        stale.update(("add", cands[r]) for r in _Bits.members(changed_bits | sources))
+        stale.update(("drop", cands[r]) for r in _Bits.members(changed_bits | chain | walked))
+        for r in _Bits.members(changed_bits):
+            stale |= self._deps[r]  # (and entries since recomputed: they are computed again)
+            self._deps[r] = set()
+        stale.update(key for key, deps in self._wide.items() if deps & changed_bits)
         for key in stale:
             if key in self._changes:
                 del self._changes[key]
+                self._wide.pop(key, None)
+                self._invalid.discard(key)
                 if key[0] == "add":
                     self.added[self.rank[key[1]]] = np.nan
 
@@ -465,7 +710,7 @@ class _Search:
 
     @staticmethod
     def _holds(block: _Block):
-        return [*block.held, *(("rng", v) for v in block.random)]
+        return block.holds
 
     def _linear(self, ch: _Change) -> list[tuple[int, int, int]]:
         """Note P1: what ``ch`` does to ``T`` by the linear model, as (first step,
@@ -484,14 +729,19 @@ class _Search:
         changed = ch.drop | ch.blocks.keys()
         touched = set()
         for a in changed:
-            for b in (self.plan.blocks.get(a), ch.blocks.get(a)):
-                if b is not None:
-                    touched.update(self._holds(b))
+            b = self.plan.blocks.get(a)
+            if b is not None:
+                touched.update(self._holds(b))
+        added: dict[object, list[int]] = {}  # what the changed blocks hold, until they run
+        for a, b in ch.blocks.items():
+            for key in self._holds(b):
+                added.setdefault(key, []).append(int(self.end[self.rank[a]]))
+        touched.update(added)
         for key in sorted(touched, key=str):
             holders = self.holders.get(key, {})
             now = list(holders.values())
             then = [step for a, step in holders.items() if a not in changed]
-            then += [int(self.end[self.rank[a]]) for a, b in ch.blocks.items() if key in self._holds(b)]
+            then += added.get(key, [])
             if isinstance(key, tuple):  # a generator state: from the random node's forward run
                 size, first = self.profile.rng_state_bytes, int(self.g[self.plan.index[key[1]]])
             else:  # an activation: alive until its last reader in the graph anyway
@@ -569,7 +819,7 @@ class _Search:
         """Whether ``T`` changed by ``ch`` (Note P1) stays within the budget where it rises."""
         ranges = self._linear(ch)
         cuts = sorted({x for lo, hi, _ in ranges for x in (lo, hi)})
-        for lo, hi in zip(cuts, cuts[1:]):
+        for lo, hi in itertools.pairwise(cuts):
             rise = sum(b for a, e, b in ranges if a <= lo and hi <= e)
             if rise > 0 and lo < hi and int(self.T[lo:hi].max()) + rise > self.budget:
                 return False
@@ -870,7 +1120,9 @@ class _Search:
 
             g = _Greedy(self.profile, min_time_s=self.options.min_time_s)
             k, _ = _shortest_fitting_prefix(self.profile, g, self.budget, "bisect")  # raises below the floor
-            ch = self.plan.change(add=set(g.prefix(k)) - self.plan.recompute, drop=self.plan.recompute - set(g.prefix(k)))
+            ch = self.plan.change(
+                add=set(g.prefix(k)) - self.plan.recompute, drop=self.plan.recompute - set(g.prefix(k))
+            )
             self._apply(ch)
             self._set_timeline(*self._simulate(self.plan.blocks.values()))
             self.counts["fallback"] = 1
@@ -928,7 +1180,11 @@ def greedy(*, profile: Profile, budget_bytes: int, options: GreedyOptions) -> Pl
             iterations=search.simulations,
             notes=(
                 f"{n['picks']} peak-aware picks"
-                + (", then no candidate was dead at the peak: restarted from mu-TWO's plan (Note P8)" if n["fallback"] else "")
+                + (
+                    ", then no candidate was dead at the peak: restarted from mu-TWO's plan (Note P8)"
+                    if n["fallback"]
+                    else ""
+                )
                 + f"; prune dropped {n['pruned']}, exchange made {n['exchanges']} move(s), {n['kicks']} kick(s) kept; "
                 f"{len(search.plan.recompute)} of {len(search.plan.candidates)} candidates recomputed, "
                 f"{search.simulations} fast-path simulations",
