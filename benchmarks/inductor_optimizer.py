@@ -77,8 +77,13 @@ def main(argv: list[str]) -> None:
         "optimizer compiled": compile_inductor(rewritten),
         "optimizer in backward": _optimizer_in_backward(rewritten),
     }
-    for label, step in steps.items():
-        measured = measure_graph_peak(step, *w.batch)  # compiles, then measures
+    for label, step in list(steps.items()):
+        try:
+            measured = measure_graph_peak(step, *w.batch)  # compiles, then measures
+        except Exception as e:  # noqa: BLE001 - in the backward's graph: AOTAutograd may refuse the aliased inputs
+            print(f"{name} {batch_size} {budget} {label}: fails: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            del steps[label]
+            continue
         s = step.runner.summary()
         print(f"{name} {batch_size} {budget} (recompute {len(plan.recompute)}) {label}: {s['compiled_segments']} "
               f"compiled graphs, {s['compiled_nodes']} compiled / {s['eager_nodes']} eager nodes, "
