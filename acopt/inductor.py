@@ -34,12 +34,23 @@ undoing its plan. The graph is cut, in node order, into *segments*:
   consumers, which often saves more (docs/memory-model.md, "Compiled
   steps"). :func:`fit_compiled` compiles without the cut and compiles the
   plan again with it when the measured peak exceeds the eager model's;
-* nodes that read a live hyperparameter (a Python float computed from
-  ``param_groups`` at each call) run eagerly too, so no hyperparameter is
-  baked into a kernel as a constant; an optimizer step that reads one runs
-  eagerly as a whole (most do: ``lr``), so only forward and backward are
-  compiled. (Inductor's own float inputs, ``specialize_float=False``, did not
-  survive AOTAutograd's ``tensorify_python_scalars`` pass on these graphs.)
+* a new segment also starts where the optimizer's region begins: the
+  optimizer step is its own compiled graph. In the backward's graph,
+  AOTAutograd refuses it (the backward reads a weight through a view, a
+  transpose, that the optimizer updates in place: "non-differentiable view
+  input mutations"), and with that worked around (views taken again from the
+  weight inside the graph) activation-sized buffers lived longer (inductor
+  reused fewer of them in place: test MLP, AdamW, one activation recomputed,
+  762 KB measured instead of 630 KB);
+* live hyperparameters (Python floats computed from ``param_groups`` at each
+  call, and the step count an optimizer reads with ``.item()``) are compiled
+  as 0-d float64 tensor inputs, never as constants: :mod:`acopt.inductor_scalars`
+  turns the Python arithmetic over them into tensor ops and every aten op
+  that received one into its Tensor form, and converts the live floats at
+  each call. A use it cannot convert (an op it does not know, a low-precision
+  tensor next to the scalar) runs eagerly node by node, with what it reads.
+  (Inductor's own float inputs, ``specialize_float=False``, did not survive
+  AOTAutograd's ``tensorify_python_scalars`` pass on these graphs.)
 
 Each compiled segment goes through ``torch._inductor.compile_fx.compile_fx``
 with no input requiring grad: AOTAutograd's inference path (functionalization,
@@ -67,9 +78,8 @@ from typing import Any
 import torch
 from torch import fx
 
-from acopt import inductor_rng, rng
+from acopt import inductor_rng, inductor_scalars, rng
 from acopt.errors import UnsupportedStep
-from acopt.records import Region
 from acopt.rewriter import BLOCK_KEY
 from acopt.tracer import REGION_KEY, TracedStep, is_random
 
@@ -98,20 +108,10 @@ def _is_eager(node: fx.Node, scalars: set[str], *, compile_random: bool = True) 
 
 
 def _scalar_values(gm: fx.GraphModule) -> set[str]:
-    """Placeholders that are not tensors (live hyperparameters) and the Python
-    arithmetic over them: the values that must never reach a compiled graph."""
-    out: set[str] = set()
-    for n in gm.graph.nodes:
-        hyper = n.op == "placeholder" and not isinstance(n.meta.get("val"), torch.Tensor)
-        arithmetic = (
-            n.op == "call_function"
-            and not isinstance(n.target, torch._ops.OpOverload)
-            and n.target is not operator.getitem
-            and any(a.name in out for a in n.all_input_nodes)
-        )
-        if hyper or arithmetic:
-            out.add(n.name)
-    return out
+    """The nodes that read or compute a live hyperparameter (a Python float) in a way
+    :mod:`acopt.inductor_scalars` cannot compile: they run eagerly. (The others are
+    compiled with the hyperparameters as 0-d tensor inputs, never as constants.)"""
+    return inductor_scalars.eager_nodes(gm)
 
 
 def segments_of(gm: fx.GraphModule, *, compile_random: bool = True, cut_blocks: bool = False) -> list[Segment]:
@@ -121,35 +121,27 @@ def segments_of(gm: fx.GraphModule, *, compile_random: bool = True, cut_blocks: 
     segment of its own (the behaviour before :mod:`acopt.inductor_rng`);
     ``cut_blocks``: a recompute block also ends its segment."""
     scalars = _scalar_values(gm)
-    # An optimizer step that reads hyperparameters runs eagerly as a whole: compiling
-    # its tensor-only ops between the scalar ones would give many tiny graphs.
-    eager_optimizer = any(
-        _is_eager(n, scalars, compile_random=compile_random)
-        for n in gm.graph.nodes
-        if n.op == "call_function" and n.meta.get(REGION_KEY) == Region.OPTIMIZER
-    )
     segments: list[Segment] = []
     where: dict[str, int] = {}
     phase = block = None
     for n in gm.graph.nodes:
         if n.op in ("placeholder", "output"):
             continue
-        if n.name in scalars:  # Python arithmetic on hyperparameters: run by the eager interpreter
+        if n.name in scalars:  # a hyperparameter use that cannot be compiled: run by the eager interpreter
             eager = True
         elif n.target is operator.getitem and n.args[0].name in where:
             eager = not segments[where[n.args[0].name]].compiled
         else:
-            eager = _is_eager(n, scalars, compile_random=compile_random) or (
-                eager_optimizer and n.meta.get(REGION_KEY) == Region.OPTIMIZER
-            )
-        forward = n.meta.get(REGION_KEY) == Region.FORWARD
+            eager = _is_eager(n, scalars, compile_random=compile_random)
+        # Forward, backward and optimizer are never compiled together (module docstring).
+        region = n.meta.get(REGION_KEY)
         block_ended = cut_blocks and block is not None and n.meta.get(BLOCK_KEY) != block  # no fusion past a block
-        if eager or not segments or segments[-1].compiled is eager or phase != forward or block_ended:
+        if eager or not segments or segments[-1].compiled is eager or phase != region or block_ended:
             if n.target is operator.getitem and segments and where.get(n.args[0].name) == len(segments) - 1:
                 pass  # a getitem stays with the tuple it reads
             else:
                 segments.append(Segment(compiled=not eager, nodes=[]))
-        phase, block = forward, n.meta.get(BLOCK_KEY)
+        phase, block = region, n.meta.get(BLOCK_KEY)
         segments[-1].nodes.append(n)
         where[n.name] = len(segments) - 1
     for n in gm.graph.nodes:  # a saved state read by a compiled segment: a host uint8 tensor
@@ -195,7 +187,7 @@ def _segment_module(gm: fx.GraphModule, seg: Segment) -> fx.GraphModule:
     for name in seg.inputs:
         ph = graph.placeholder(name)
         ph.meta = dict(by_name[name].meta)
-        if not isinstance(ph.meta.get("val"), torch.Tensor):
+        if not isinstance(ph.meta.get("val"), (torch.Tensor, torch.SymFloat, type(None))):  # floats: tensorify
             raise UnsupportedStep(
                 f"backend='inductor': the compiled segment starting at {seg.nodes[0].name!r} reads "
                 f"{name!r}, which is not a tensor; run this step with backend='eager'"
@@ -204,7 +196,7 @@ def _segment_module(gm: fx.GraphModule, seg: Segment) -> fx.GraphModule:
     for n in seg.nodes:
         env[n.name] = graph.node_copy(n, lambda a: env[a.name])
     graph.output(tuple(env[name] for name in seg.outputs))
-    return fx.GraphModule(gm, graph)
+    return inductor_scalars.tensorify(fx.GraphModule(gm, graph))  # floats as 0-d float64 tensors
 
 
 class _Runner:
@@ -267,12 +259,14 @@ def _inductor_segment(gm: fx.GraphModule, example: list, config_patches: dict | 
     from torch._dynamo.utils import GmWrapper
     from torch._inductor.compile_fx import compile_fx
 
+    boundary = inductor_scalars.Boundary(gm)  # live floats in and out, as 0-d tensors inside
+    example = boundary.convert_inputs(list(example))
     with torch.no_grad():
-        compiled = compile_fx(GmWrapper(gm, lambda flat: flat), list(example), config_patches=config_patches)
+        compiled = compile_fx(GmWrapper(gm, lambda flat: flat), example, config_patches=config_patches)
 
     def run(args: list) -> Any:
         with torch.no_grad():
-            return compiled(args)
+            return boundary.convert_outputs(compiled(boundary.convert_inputs(args)))
 
     return run
 

@@ -96,7 +96,8 @@ def test_segments_keep_the_plan_and_replay_the_forward_mask():
                 assert not set(seg.outputs) & set(plan), "the forward graph returns a recomputed activation"
             nodes = list(seg.graph_module.graph.nodes)
             calls = [n for n in nodes if n.target in lowered]
-            assert calls and not any(
+            optimizer = {n.meta[REGION_KEY] for n in seg.nodes} == {Region.OPTIMIZER}  # its own graph, no draws
+            assert (optimizer or calls) and not any(
                 is_random(n) or n.target in (rng.save, rng.replay) for n in nodes if n not in calls
             )
             for before, call in zip([None, *calls], calls):  # each takes the previous one's token
@@ -111,7 +112,8 @@ def test_segments_keep_the_plan_and_replay_the_forward_mask():
     assert blocks, "the recompute blocks are not in a compiled graph"
     assert random_seen == 1  # the dropout, in the forward
     compiled = [s for s in segments if s.compiled]
-    assert len(compiled) == 2, "forward and backward: one compiled graph each"
+    assert len(compiled) == 3, "forward, backward and optimizer: one compiled graph each"
+    assert all(n.meta[REGION_KEY] == Region.OPTIMIZER for n in compiled[2].nodes)
     assert any(n.target is rng.replay for n in compiled[1].nodes) and any(is_random(n) for n in compiled[0].nodes)
     step = compile_inductor(rewritten)
     for i in range(2):
@@ -391,7 +393,7 @@ def test_compiled_draws_keep_eager_generator_order(monkeypatch, patches):
     replays = [n for n in graph.nodes if n.target is rng.replay]
     assert len(replays) >= 2, "the plan must replay the first dropout (for several blocks)"
     step = compile_inductor(rewritten, compile_segment=functools.partial(_inductor_segment, config_patches=patches))
-    assert sum(s.compiled for s in step.runner.segments) == 2
+    assert sum(s.compiled for s in step.runner.segments) == 3  # forward, backward, optimizer
     assert all(s.compiled or not is_random(n) for s in step.runner.segments for n in s.nodes)
     expected = [("draw" if is_random(n) else "replay", n.meta["val"].shape) for n in graph.nodes
                 if is_random(n) or n.target is rng.replay]  # fmt: skip
@@ -476,3 +478,106 @@ def test_lowered_draws_run_eager_ops_with_their_arguments():
     b = graph.call_function(aten.uniform_.default, (e,))
     graph.output((b, e))  # the written tensor is read elsewhere too
     assert not inductor_rng.lowerable(b)
+
+
+# ---- the optimizer step compiled, hyperparameters live (acopt.inductor_scalars) -------------
+def _scheduled_pair(make):
+    """Two identical (model, optimizer, scheduler): lr halves after every step."""
+    out = []
+    for _ in range(2):
+        m = net()
+        o = make(m.parameters())
+        out.append((m, o, torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5)))
+    return out
+
+
+def _check_compiled_optimizer(make, steps=3):
+    """The compiled step (no plan: the optimizer is what is checked) equals eager
+    PyTorch over ``steps`` steps while a scheduler changes lr between them (a baked
+    lr would drift), parameters and optimizer state included; the optimizer runs
+    as one compiled graph with no eager node, its hyperparameters float64 inputs."""
+    from acopt.inductor_scalars import BOUNDARY_KEY
+
+    (m1, o1, s1), (m2, o2, s2) = _scheduled_pair(make)
+    x, y = batch()
+    step = compile_inductor(acopt.trace(train_step, m2, o2, x, y))
+    optimizer = [s for s in step.runner.segments if any(n.meta[REGION_KEY] == Region.OPTIMIZER for n in s.nodes)]
+    assert len(optimizer) == 1 and optimizer[0].compiled, "the optimizer step is not one compiled graph"
+    assert optimizer[0].graph_module.meta[BOUNDARY_KEY][0], "no hyperparameter is an input of the compiled optimizer"
+    assert step.runner.summary()["eager_nodes"] == 0
+    lrs = []
+    for i in range(steps):
+        xb, yb = batch(i)
+        torch.manual_seed(i)
+        l1 = train_step(m1, o1, xb, yb)
+        torch.manual_seed(i)
+        l2 = step(xb, yb)
+        torch.testing.assert_close(l2, l1, rtol=RTOL, atol=ATOL)
+        _assert_close(m1, m2)
+        for a, b in zip(o1.state.values(), o2.state.values(), strict=True):
+            for key, value in a.items():
+                if isinstance(value, torch.Tensor):
+                    torch.testing.assert_close(b[key], value, rtol=RTOL, atol=ATOL, msg=lambda m, k=key: f"{k}: {m}")
+        lrs.append(o2.param_groups[0]["lr"])
+        s1.step()
+        s2.step()
+    assert len(set(lrs)) == steps
+
+
+def test_compiled_adamw_keeps_lr_live_and_equals_eager():
+    _check_compiled_optimizer(lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4),
+        lambda p: torch.optim.Adam(p, lr=1e-2, amsgrad=True),
+        lambda p: torch.optim.RAdam(p, lr=1e-2),  # traced in its capturable form
+        lambda p: torch.optim.NAdam(p, lr=1e-2, foreach=True),  # _foreach_* ops, unrolled
+        lambda p: torch.optim.Rprop(p, lr=1e-2),  # capturable form, comparisons with a hyperparameter
+    ],
+    ids=["sgd-nesterov", "adam-amsgrad", "radam", "nadam-foreach", "rprop"],
+)
+def test_compiled_optimizers_keep_lr_live_and_equal_eager(make):
+    _check_compiled_optimizer(make)
+
+
+def test_scalar_uses_compile_with_live_values_or_run_eagerly():
+    """On a hand-made graph: Python arithmetic on hyperparameters and aten ops that read
+    them (in a Tensor or a Scalar argument) compile with the hyperparameters as inputs;
+    a use the pass does not convert (float ``//``, ``clamp``'s Scalar bound) runs
+    eagerly with every scalar computed from it; the compiled graph holds no
+    hyperparameter's value, and the numbers follow the live values."""
+    from acopt.inductor import _inductor_segment, _Runner
+
+    aten = torch.ops.aten
+    g = fx.Graph()
+    p = g.placeholder("p")
+    lr, beta = g.placeholder("hyper__lr"), g.placeholder("hyper__beta")
+    s = g.call_function(operator.sub, (1, beta))
+    q = g.call_function(operator.floordiv, (lr, 0.001))  # Python's float // is not torch's
+    t = g.call_function(operator.mul, (q, 0.5))
+    m = g.call_function(aten.mul.Tensor, (p, s))
+    a = g.call_function(aten.add.Tensor, (m, p), {"alpha": lr})
+    c = g.call_function(aten.clamp.default, (a, None, t))
+    e = g.call_function(aten.lerp.Scalar, (m, p, s))
+    g.output((a, c, e))
+    for n in (p, m, a, c, e):
+        n.meta["val"] = torch.empty(16)
+    gm = fx.GraphModule(torch.nn.Module(), g)
+    runner = _Runner(gm, compile_segment=_inductor_segment)
+    eager = {n.name for seg in runner.segments if not seg.compiled for n in seg.nodes}
+    assert eager == {q.name, t.name, c.name}
+    compiled = [seg for seg in runner.segments if seg.compiled]
+    assert {n.name for seg in compiled for n in seg.nodes} == {s.name, m.name, a.name, e.name}
+    x = torch.randn(16)
+    for lr_value, beta_value in [(0.01, 0.9), (0.0372, 0.99), (0.5, 0.3)]:
+        got = runner(x, lr_value, beta_value)
+        want = gm(x, lr_value, beta_value)
+        for g1, w1 in zip(got, want, strict=True):
+            torch.testing.assert_close(g1, w1, rtol=1e-6, atol=1e-7)
+    for seg in compiled:
+        text = seg.graph_module.code
+        assert "0.9" not in text and "0.01" not in text, "a hyperparameter's value is in the compiled graph"
