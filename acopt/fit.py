@@ -456,8 +456,9 @@ def will_it_fit(
     dtype. ``optimizer`` ("adamw", "sgd") and ``foreach`` (default True, as
     PyTorch picks on CUDA) are an HF model's; a built-in brings its own. Times: roofline of ``gpu`` (or ``flops`` FLOP/s, ``bandwidth``
     bytes/s), estimates. ``solver``: the planner of the plans (default
-    mu-two, the reference greedy: seconds where the default greedy takes
-    minutes on an 8B model). Raises :class:`FitInputError` (a ValueError) for bad input.
+    mu-two, the reference greedy: a few seconds on an 8B model, where the
+    default greedy, which recomputes less, takes several times longer).
+    Raises :class:`FitInputError` (a ValueError) for bad input.
     """
     t0 = time.perf_counter()
     try:  # every check of the arguments, before the first profile
@@ -626,7 +627,7 @@ def add_fit_arguments(sp) -> None:
     sp.add_argument("--reserve", type=size, default="0", help="memory kept free for the CUDA context, allocator "
                     "fragmentation and workspace, e.g. 2GiB (default 0)")  # fmt: skip
     sp.add_argument("--solver", default="mu-two", help="planner for the plans (default mu-two: fast; greedy "
-                    "recomputes less but takes minutes to hours on an 8B model's profile)")  # fmt: skip
+                    "recomputes less but takes several times longer on an 8B model's profile)")  # fmt: skip
     sp.add_argument("--option", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
                     help="planner option, e.g. max_simulations=0 for greedy (repeatable)")  # fmt: skip
     sp.add_argument("--attention", choices=["flash", "math"], default="flash",
