@@ -43,6 +43,7 @@ __all__ = ["Read", "changed", "describe", "record", "restore"]
 _MISSING = object()
 _PLAIN = (bool, int, float, str, type(None))
 _LIBRARY_PREFIXES = ("torch", "acopt", "transformers", "accelerate", "lightning", "pytorch_lightning", "numpy")
+_BUILD_ONLY = frozenset({"__init__", "__repr__", "extra_repr", "reset_parameters", "_init_weights"})
 _LIBRARY_DIRS = tuple(
     str(Path(p).resolve()) for p in {sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"]} if p
 )
@@ -186,8 +187,9 @@ class _Walk:
     def model(self, model: torch.nn.Module) -> None:
         for cls in {type(m) for m in model.modules()}:
             for klass in cls.__mro__:
-                for v in vars(klass).values():
-                    self.function(getattr(v, "__func__", v))
+                for name, v in vars(klass).items():
+                    if name not in _BUILD_ONLY:  # run when the model is built, not in a step
+                        self.function(getattr(v, "__func__", v))
 
 
 def _cell(c: Any) -> Any:

@@ -215,3 +215,19 @@ def test_library_code_is_not_walked():
         "global CFG.aux",
         "global TABLE['scale']",
     }
+
+
+WIDTH = 8
+
+
+class _Built(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(WIDTH, 4)  # read when the model is built, not in a step
+
+    def forward(self, x):
+        return self.lin(x) * ALPHA
+
+
+def test_values_read_only_when_the_model_is_built_are_not_guarded():
+    assert [r.where for r in python_values.record(None, _Built())] == ["global ALPHA (read by _Built.forward)"]
