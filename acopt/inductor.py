@@ -289,8 +289,49 @@ def compile_inductor(step: TracedStep, *, compile_segment: Callable | None = Non
             "(the mkldnn RNN); use backend='eager'"
         )
     out = InductorStep(graph_module=step.graph_module, binding=step._b, provenance={**step.provenance, "backend": "inductor"})
-    out.runner = _Runner(step.graph_module, compile_segment=compile_segment or _inductor_segment, cut_blocks=cut_blocks)
+    gm = without_shape_only_reads(step.graph_module)
+    out.runner = _Runner(gm, compile_segment=compile_segment or _inductor_segment, cut_blocks=cut_blocks)
     return out
+
+
+#: (op, argument index) where the op reads only the argument's shape, dtype and
+#: device, never its values: ``nll_loss_backward``'s ``self`` (the log-softmax).
+SHAPE_ONLY_ARGUMENTS: dict[Any, int] = {
+    torch.ops.aten.nll_loss_backward.default: 1,
+    torch.ops.aten.nll_loss2d_backward.default: 1,
+}
+
+
+def without_shape_only_reads(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` in which each :data:`SHAPE_ONLY_ARGUMENTS` argument is a zero
+    scalar expanded to its shape (no storage), so the tensor it named is no longer
+    held for that read. In a compiled graph that read kept it alive to the graph's
+    end (inductor's decomposition never reads it, and frees an input only after a
+    read): the logits-sized log-softmax through the whole first backward graph,
+    where the eager step frees it after ``_log_softmax_backward_data``. ``gm``
+    itself is not changed; if there is no such read it is returned."""
+    if not any(n.target in SHAPE_ONLY_ARGUMENTS for n in gm.graph.nodes):
+        return gm
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    out = graph.graph_copy(gm.graph, env)
+    graph.output(out)
+    for n in list(graph.nodes):
+        index = SHAPE_ONLY_ARGUMENTS.get(n.target)
+        if index is None or not isinstance(n.args[index], fx.Node):
+            continue
+        val = n.args[index].meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            continue
+        with graph.inserting_before(n):
+            zero = graph.call_function(
+                torch.ops.aten.scalar_tensor.default, (0.0,), {"dtype": val.dtype, "device": val.device}
+            )
+            zero.meta = {**n.meta, "val": val.new_zeros(())}  # the reader's region and block
+            shaped = graph.call_function(torch.ops.aten.expand.default, (zero, list(val.shape)))
+            shaped.meta = {**n.meta, "val": val.new_zeros(()).expand(val.shape)}
+        n.update_arg(index, shaped)
+    return fx.GraphModule(gm, graph)
 
 
 def measure_graph_peak(step: TracedStep, *batch: Any) -> int:

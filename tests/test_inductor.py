@@ -581,3 +581,32 @@ def test_scalar_uses_compile_with_live_values_or_run_eagerly():
     for seg in compiled:
         text = seg.graph_module.code
         assert "0.9" not in text and "0.01" not in text, "a hyperparameter's value is in the compiled graph"
+
+
+def test_the_log_softmax_is_not_held_for_a_read_of_its_shape(monkeypatch):
+    """nll_loss_backward reads the log-softmax's shape only: compiled, that read kept
+    the logits-sized tensor alive to the end of the first backward graph."""
+    from acopt import inductor
+
+    (m2, o2), _, _, rewritten = _planned(budget="100%")
+    gm = inductor.without_shape_only_reads(rewritten.graph_module)
+    (nll,) = [n for n in gm.graph.nodes if n.target == torch.ops.aten.nll_loss_backward.default]
+    assert nll.args[1].target == torch.ops.aten.expand.default  # of a zero scalar: no storage
+    assert nll.args[1].meta[REGION_KEY] == nll.meta[REGION_KEY] == Region.BACKWARD
+    assert rewritten.graph_module.graph is not gm.graph  # the step's own graph is unchanged
+    x, y = batch()
+    peaks = {}
+    for passes in (True, False):
+        if not passes:
+            monkeypatch.setattr(inductor, "without_shape_only_reads", lambda g: g)
+        peaks[passes] = measure_graph_peak(compile_inductor(rewritten), x, y)
+    logits = x.shape[0] * 4 * 4  # rows x classes floats
+    assert peaks[True] <= peaks[False] - logits
+    (m1, o1), _ = _pair()
+    step = compile_inductor(rewritten)
+    for i in range(2):
+        torch.manual_seed(i)  # the same dropout masks: both draw from eager's generator
+        want = train_step(m1, o1, *batch(i))
+        torch.manual_seed(i)
+        torch.testing.assert_close(step(*batch(i)), want, rtol=RTOL, atol=ATOL)
+    _assert_close(m1, m2)
