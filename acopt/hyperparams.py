@@ -237,7 +237,11 @@ class Book:
 
     def _sentinel(self, k: int, real: Any) -> float:
         shift = (k + 1) * 2.0**-16 + (self.trace_id + 1) * 2.0**-9
-        return float(real) * (1.0 + shift) if real != 0 else shift
+        if real == 0:
+            return shift
+        # a value in (-1, 1) moves towards 0, others away from it: a beta stays below 1, so
+        # host arithmetic such as math.sqrt(1 - beta2) sees a value of eager's sign
+        return float(real) * (1.0 - shift if abs(real) < 1 else 1.0 + shift)
 
     def _hyper(self, key: InputKey, real: Any) -> Hyper:
         k = len(self.inputs)

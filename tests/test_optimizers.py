@@ -5,9 +5,12 @@ every tensor of it is a graph input, every float of every group is live."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import acopt
 from tests.tiny import batch as _batch
@@ -219,3 +222,34 @@ def test_optimizer_steps_plan_and_keep_the_memory_truth(make):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 64), nn.Tanh(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 4))
     assert _memory_truth(train_step, model, make(model.parameters()), _batch(0, rows=256)).recompute
+
+
+class _SqrtOneMinusBeta(torch.optim.Optimizer):
+    """A hand-written optimizer doing host arithmetic on a hyperparameter."""
+
+    def __init__(self, params, lr=1e-2, beta2=0.999):
+        super().__init__(params, dict(lr=lr, beta2=beta2))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            scale = math.sqrt(1 - group["beta2"])  # acopt cannot keep this live
+            for p in group["params"]:
+                p.add_(p.grad, alpha=-group["lr"] * scale)
+
+
+def test_host_math_on_a_beta_is_a_clear_refusal_not_a_domain_error():
+    """Tracing sentinels keep a beta below 1 (1 - beta2 > 0 as in eager), so the step
+    reaches the literal comparison that refuses it, instead of math.sqrt failing."""
+    model = nn.Linear(4, 2)
+    opt = _SqrtOneMinusBeta(model.parameters())
+
+    def step(model, optimizer, x):
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        return loss
+
+    with pytest.raises(acopt.UnsupportedStep, match="cannot keep live"):
+        acopt.trace(step, model, opt, torch.randn(3, 4))
