@@ -10,7 +10,9 @@ step; so does acopt, as a guard (docs/usage.md, "Guards"): :func:`record` walks
 the code objects of ``train_step`` and of the user's functions it reaches
 (globals and closure cells that are Python functions, the methods of
 user-defined module classes), and keeps a :class:`Read` for each plain value
-(bool, int, float, str, None, tuples of them) found as
+(bool, int, float, str, None, tuples of them; and, by identity, a tensor:
+the graph holds the tensor it traced, so a global rebound to a new tensor
+must trace again) found as
 
 * a global the code names (``LOAD_GLOBAL``),
 * a closure cell (``nonlocal`` or captured variable),
@@ -68,7 +70,7 @@ def _plain(v: Any) -> bool:
 def _same(a: Any, b: Any) -> bool:
     if a is b:
         return True
-    if type(a) is not type(b):
+    if type(a) is not type(b) or isinstance(a, torch.Tensor):  # a tensor: the same object only
         return False
     if isinstance(a, tuple):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
@@ -125,7 +127,7 @@ class _Walk:
         if key in self._seen_values:
             return
         value = get()
-        if value is not _MISSING and _plain(value):
+        if value is not _MISSING and (_plain(value) or isinstance(value, torch.Tensor)):
             self._seen_values.add(key)
             self.reads.append(Read(where, get, set_, value))
 
@@ -226,5 +228,7 @@ def restore(reads: Iterable[Read]) -> None:
 
 
 def describe(read: Read, now: Any) -> str:
+    if isinstance(read.value, torch.Tensor):
+        return f"{read.where} is another object than the tensor it was when traced"
     shown = "<deleted>" if now is _MISSING else repr(now)
     return f"{read.where} is {shown}, {read.value!r} when traced"

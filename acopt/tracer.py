@@ -468,7 +468,7 @@ def trace(
         while True:
             try:
                 with distributed():
-                    first = _trace_twice(args, added_state, capturable, host_rng)
+                    first = _trace_twice(args, added_state, capturable, host_rng, reads)
                 break
             except NeedsCapturable as e:
                 if e.indices <= capturable:  # pragma: no cover - the capturable form raised it
@@ -543,12 +543,15 @@ def trace(
     return step
 
 
-def _trace_twice(args: tuple, added_state: list, capturable: set[int], host_rng: _HostRng) -> _Traced:
+def _trace_twice(
+    args: tuple, added_state: list, capturable: set[int], host_rng: _HostRng, reads: list = ()
+) -> _Traced:
     """The step traced with two hyperparameter sentinels, literals compared
     (:func:`_same_literals`); returns the first. Optimizers with a capturable form run eager's own
     form unless in ``capturable``; a literal that differs there asks for that form."""
     params, optimizers = args[6], args[3]
     first = _trace(*args, trace_id=0, capturable=capturable)
+    _check_python_values_unchanged(reads)  # before a second trace reads a value the first wrote
     # Eager creates state only for parameters that hold a gradient when their optimizer
     # steps: take back what was made for the others (unused branches) and trace again.
     # (Not the gradients left at the end: a zero_grad() after step() clears those.)

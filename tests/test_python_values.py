@@ -231,3 +231,55 @@ class _Built(nn.Module):
 
 def test_values_read_only_when_the_model_is_built_are_not_guarded():
     assert [r.where for r in python_values.record(None, _Built())] == ["global ALPHA (read by _Built.forward)"]
+
+
+CLASS_WEIGHTS = torch.tensor([1.0, 2.0, 1.0, 0.5])
+
+
+def weighted_step(model, opt, x, y):
+    loss = F.cross_entropy(model(x), y, weight=CLASS_WEIGHTS)
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    return loss
+
+
+@pytest.fixture
+def restore_weights():
+    saved = CLASS_WEIGHTS
+    yield
+    globals()["CLASS_WEIGHTS"] = saved
+
+
+def test_a_global_tensor_rebound_after_tracing_is_traced_again(restore_weights):
+    _run_both(
+        weighted_step,
+        [
+            _same,
+            lambda: CLASS_WEIGHTS.mul_(2.0),  # in place: the graph reads the same tensor
+            _set_global("CLASS_WEIGHTS", torch.tensor([0.1, 1.0, 3.0, 1.0])),  # rebound: a new tensor
+            _same,
+        ],
+    )
+
+
+EMA = torch.zeros(())
+
+
+def ema_step(model, opt, x, y):
+    global EMA
+    loss = F.cross_entropy(model(x), y)
+    EMA = 0.9 * EMA + 0.1 * loss.detach()  # a running value kept in a global: runs no Python when traced
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    return loss
+
+
+def test_a_step_rebinding_a_global_tensor_is_refused_and_the_tensor_restored():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = EMA
+    with pytest.raises(acopt.UnsupportedStep, match="global EMA .* another object"):
+        acopt.trace(ema_step, model, opt, *_batch())
+    assert EMA is before and not isinstance(EMA, torch._subclasses.FakeTensor)
