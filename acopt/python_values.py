@@ -151,10 +151,33 @@ class _Walk:
                 )
 
     def function(self, fn: Any, depth: int = 0) -> None:
-        fn = getattr(fn, "__func__", fn)  # bound methods
         if isinstance(fn, functools.partial):
             self.function(fn.func, depth)
             return
+        owner = None
+        if isinstance(fn, types.MethodType):  # a bound method: its object's settings too
+            owner, fn = fn.__self__, fn.__func__
+        elif not isinstance(fn, (types.FunctionType, type, torch.nn.Module)) and callable(fn):
+            call = getattr(type(fn), "__call__", None)  # noqa: B004 - the function itself: train_step = Step(0.5)
+            if isinstance(call, types.FunctionType):
+                owner, fn = fn, call
+        if owner is not None and isinstance(fn, types.FunctionType) and not _library(fn):
+            attrs = set()  # what any method of the object's class reads from it (self.method() calls self.__call__)
+            for klass in type(owner).__mro__:
+                for f in vars(klass).values():
+                    f = getattr(f, "__func__", f)
+                    if isinstance(f, types.FunctionType) and not _library(f):
+                        attrs |= _names(f)[1]
+                        self.function(f, depth + 1)
+            d = getattr(owner, "__dict__", None)
+            if isinstance(d, dict) and not isinstance(owner, torch.nn.Module):  # a module's are guarded already
+                for a in attrs & set(d):
+                    self._add(
+                        ("attr", id(owner), a),
+                        f"self.{a} (read by {fn.__qualname__})",
+                        lambda d=d, a=a: d.get(a, _MISSING),
+                        lambda v, d=d, a=a: d.__setitem__(a, v),
+                    )
         if not isinstance(fn, types.FunctionType) or id(fn) in self._seen_fns or _library(fn) or depth > 8:
             return
         self._seen_fns.add(id(fn))

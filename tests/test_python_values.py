@@ -283,3 +283,30 @@ def test_a_step_rebinding_a_global_tensor_is_refused_and_the_tensor_restored():
     with pytest.raises(acopt.UnsupportedStep, match="global EMA .* another object"):
         acopt.trace(ema_step, model, opt, *_batch())
     assert EMA is before and not isinstance(EMA, torch._subclasses.FakeTensor)
+
+
+class _Step:
+    """A training step as a callable object, its settings on ``self``."""
+
+    def __init__(self, alpha: float):
+        self.alpha = alpha
+
+    def __call__(self, model, opt, x, y):
+        loss = F.cross_entropy(model(x), y) * self.alpha
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss
+
+    def method(self, model, opt, x, y):
+        return self(model, opt, x, y)
+
+
+def test_settings_of_a_callable_step_object_are_guarded():
+    step_object = _Step(1.0)
+    _run_both(step_object, [_same, _set_attr(step_object, "alpha", 4.0), _same])
+
+
+def test_settings_of_a_bound_method_step_are_guarded():
+    step_object = _Step(1.0)
+    _run_both(step_object.method, [_same, _set_attr(step_object, "alpha", 0.25)])
