@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Read", "changed", "describe", "record", "restore"]
+__all__ = ["Read", "assigned_outside", "changed", "describe", "record", "restore"]
 
 _MISSING = object()
 _PLAIN = (bool, int, float, str, type(None))
@@ -232,6 +232,25 @@ def record(train_step: Callable | None, model: torch.nn.Module | None) -> list[R
     if model is not None:
         walk.model(model)
     return walk.reads
+
+
+def assigned_outside(train_step: Callable) -> list[str]:
+    """Names outside ``train_step`` its code assigns: ``global x; x = ...`` and
+    ``nonlocal x; x = ...`` (a traced step runs no Python, so these would not
+    happen at each call; a step-local closure's own ``nonlocal`` is fine)."""
+    fn = train_step.func if isinstance(train_step, functools.partial) else train_step
+    fn = getattr(fn, "__func__", fn)
+    if not isinstance(fn, types.FunctionType) or _library(fn):
+        return []
+    outer = set(fn.__code__.co_freevars)
+    out = []
+    for code in _codes(fn.__code__):
+        for ins in dis.get_instructions(code):
+            if ins.opname in ("STORE_GLOBAL", "DELETE_GLOBAL"):
+                out.append(f"global {ins.argval}")
+            elif ins.opname in ("STORE_DEREF", "DELETE_DEREF") and ins.argval in outer and ins.argval in code.co_freevars:
+                out.append(f"nonlocal {ins.argval}")
+    return sorted(set(out))
 
 
 def changed(reads: Iterable[Read]) -> tuple[Read, Any] | None:

@@ -431,6 +431,13 @@ def trace(
     """
     start = time.perf_counter()
     model = _unwrap_compiled(model)
+    assigned = python_values.assigned_outside(train_step)
+    if assigned:
+        raise UnsupportedStep(
+            f"train_step assigns {', '.join(assigned)}: a traced step runs no Python, so the assignment would "
+            "not happen at each call (and tracing would leave a traced value there); return the value from "
+            "train_step, or keep counters and running values outside it"
+        )
     reads = python_values.record(train_step, model)  # globals, closures, config objects the code reads
     model, train_step, distributed, wrapper_settings = _distributed_tracing(model, train_step)
     optimizer_set = OptimizerSet.of(optimizer)
