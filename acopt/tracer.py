@@ -657,7 +657,8 @@ def _check_python_values_unchanged(reads: list) -> None:
         raise UnsupportedStep(
             f"train_step changes a Python value it reads ({python_values.describe(*moved)}); a traced step runs "
             "no Python, so that write would be lost: keep counters and settings outside train_step, or pass them "
-            "as tensors"
+            "as tensors. A step that steps the optimizer only every k calls cannot be one graph: accumulate the "
+            "micro-batches inside one train_step, or use module mode (acopt.wrap) and keep the loop eager"
         )
 
 
