@@ -52,6 +52,10 @@ undoing its plan. The graph is cut, in node order, into *segments*:
   (Inductor's own float inputs, ``specialize_float=False``, did not survive
   AOTAutograd's ``tensorify_python_scalars`` pass on these graphs.)
 
+Before cutting, :func:`without_shape_only_reads` gives a read of a tensor's
+shape alone (``nll_loss_backward``'s log-softmax) a storage-free stand-in, so a
+compiled graph does not hold that tensor to its end.
+
 Each compiled segment goes through ``torch._inductor.compile_fx.compile_fx``
 with no input requiring grad: AOTAutograd's inference path (functionalization,
 input mutations written back) and inductor, with no joint graph, so no
