@@ -65,7 +65,7 @@ from acopt.collectives import hold_until_wait, is_collective
 from acopt.errors import GuardFailure, UnsupportedStep
 from acopt.guards import Guards, tensor_meta
 from acopt.hyperparams import Book, InputKey, literal_values
-from acopt.optimizer_form import NeedsCapturable, eager_form, has_capturable_form
+from acopt.optimizer_form import NeedsCapturable, eager_form
 from acopt.records import Region, Role
 
 __all__ = ["GuardFailure", "TracedStep", "UnsupportedStep", "trace"]
@@ -573,7 +573,7 @@ def _trace_twice(
     try:
         _same_literals(first, second)
     except UnsupportedStep as e:  # e.g. Rprop's eager form writes etaplus with index_put_: a tensor constant
-        eager = {i for i, opt in enumerate(optimizers) if has_capturable_form(opt)} - capturable
+        eager = set(range(len(optimizers))) - capturable
         if eager:
             raise NeedsCapturable(eager, e) from e
         raise
@@ -1204,7 +1204,7 @@ def _trace(
         real_step = opt.step
         index = optimizers.index(opt)
         # eager's own form (acopt.optimizer_form), unless it branched on its step count
-        eager = has_capturable_form(opt) and index not in capturable
+        eager = index not in capturable  # as eager runs it: not "compiling" (Adagrad's lr_decay reads .item())
 
         def step(*args, **kwargs):
             if id(opt) in stepped:

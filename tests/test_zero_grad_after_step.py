@@ -25,6 +25,8 @@ OPTIMIZERS = {
     "adamw-betas": lambda p: O.AdamW(p, lr=0.01, betas=(0.9, 0.99)),
     "rmsprop-momentum": lambda p: O.RMSprop(p, lr=0.01, momentum=0.5),
     "adagrad": lambda p: O.Adagrad(p, lr=0.1),
+    # reads its step count with .item() as eager does (not "compiling"): lr_decay's Python float, bitwise
+    "adagrad-lr-decay": lambda p: O.Adagrad(p, lr=0.1, lr_decay=0.01, weight_decay=0.01),
     "nadam": lambda p: O.NAdam(p, lr=0.01),
     "radam": lambda p: O.RAdam(p, lr=0.01),
 }
