@@ -218,24 +218,28 @@ class _Runner:
     def __call__(self, *inputs: Any) -> Any:
         env: dict[str, Any] = dict(zip(self._placeholders, inputs, strict=True))
         for seg in self.segments:
-            if seg.compiled:
-                args = [_detached(env[name]) for name in seg.inputs]
-                for name in seg.frees:
-                    env.pop(name, None)
-                if seg.fn is None:
-                    seg.fn = self._compile_segment(seg.graph_module, args)
-                outs = seg.fn(args)  # boxed: empties args, frees inputs after their last use
-                env.update(zip(seg.outputs, outs, strict=True))
-                del outs
-            else:
-                for n in seg.nodes:
-                    args = fx.node.map_arg(n.args, lambda a: env[a.name])
-                    kwargs = fx.node.map_arg(n.kwargs, lambda a: env[a.name])
-                    env[n.name] = n.target(*args, **kwargs)
-                    del args, kwargs
-                for name in seg.frees:
-                    env.pop(name, None)
+            self.run_segment(seg, env)
         return fx.node.map_arg(self._output.args[0], lambda a: env[a.name])
+
+    def run_segment(self, seg: Segment, env: dict[str, Any]) -> None:
+        """Run one segment on ``env`` (values by node name): add its outputs, drop what dies after it."""
+        if seg.compiled:
+            args = [_detached(env[name]) for name in seg.inputs]
+            for name in seg.frees:
+                env.pop(name, None)
+            if seg.fn is None:
+                seg.fn = self._compile_segment(seg.graph_module, args)
+            outs = seg.fn(args)  # boxed: empties args, frees inputs after their last use
+            env.update(zip(seg.outputs, outs, strict=True))
+            del outs
+        else:
+            for n in seg.nodes:
+                args = fx.node.map_arg(n.args, lambda a: env[a.name])
+                kwargs = fx.node.map_arg(n.kwargs, lambda a: env[a.name])
+                env[n.name] = n.target(*args, **kwargs)
+                del args, kwargs
+            for name in seg.frees:
+                env.pop(name, None)
 
     def summary(self) -> dict[str, int]:
         compiled = [s for s in self.segments if s.compiled]

@@ -227,6 +227,24 @@ def time_paired(
     return times, ref_times
 
 
+def time_interleaved(
+    steps: dict[str, Callable[[], object]], *, rounds: int, warmup: int = 0, clock: Callable[[], float] = time.thread_time
+) -> dict[str, float]:
+    """Median seconds per call of each step, timed in turn ``rounds`` times (after
+    ``warmup`` calls each) so that all see the same load; ``clock`` is thread CPU
+    time by default (steadier than wall time on a shared machine, CPU only)."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(rounds):
+        for label, step in steps.items():
+            t0 = clock()
+            step()
+            times[label].append(clock() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def median(xs: Sequence[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 

@@ -20,15 +20,15 @@ table gives the medians and the ratios to eager PyTorch's step.
 
 from __future__ import annotations
 
-import statistics
+import functools
 import sys
-import time
 
 import torch
 
 import acopt
 from acopt import inductor, models
 from acopt.inductor import compile_inductor, measure_graph_peak
+from acopt.measure import time_interleaved
 from acopt.planning import no_recompute_peak, resolve_budget
 from acopt.records import Region
 from acopt.tracer import REGION_KEY
@@ -96,16 +96,9 @@ def main(argv: list[str]) -> None:
         **steps,
         f"torch-budget {fraction:.2f}": lambda *b: torch_budget(w.model, w.optimizer, *b),
     }
-    for step in steps.values():  # compile, warm up
-        step(*w.batch)
-        step(*w.batch)
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    for _ in range(ROUNDS):
-        for label, step in steps.items():
-            t0 = time.thread_time()
-            step(*w.batch)
-            times[label].append(time.thread_time() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = time_interleaved(  # the first calls compile
+        {k: functools.partial(step, *w.batch) for k, step in steps.items()}, rounds=ROUNDS, warmup=2
+    )
     for label, t in med.items():
         print(f"  {label:24s} {t * 1e3:8.2f} ms  step/eager {t / med['eager']:.3f}", flush=True)
 

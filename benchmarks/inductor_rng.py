@@ -17,15 +17,15 @@ cut. (Both variants draw eager PyTorch's masks: tests/test_inductor.py checks th
 
 from __future__ import annotations
 
-import statistics
+import functools
 import sys
-import time
 
 import torch
 
 import acopt
 from acopt import models
 from acopt.inductor import compile_inductor, measure_graph_peak, segments_of
+from acopt.measure import time_interleaved
 
 ROUNDS = 30
 
@@ -54,13 +54,7 @@ def main(argv: list[str]) -> None:
             s = step.runner.summary()
             print(f"  {budget} (recompute {len(plan.recompute)}) {label}: {s['compiled_segments']} compiled graphs, "
                   f"{s['eager_nodes']} eager nodes, measured peak {peak} B", flush=True)  # fmt: skip
-        times: dict[str, list[float]] = {k: [] for k in steps}
-        for _ in range(ROUNDS):
-            for label, step in steps.items():
-                t0 = time.thread_time()
-                step(*w.batch)
-                times[label].append(time.thread_time() - t0)
-        med = {k: statistics.median(v) for k, v in times.items()}
+        med = time_interleaved({k: functools.partial(step, *w.batch) for k, step in steps.items()}, rounds=ROUNDS)
         print(f"  {budget}: step time (median thread CPU s) cut {med['cut']:.4f}, in-graph {med['in-graph']:.4f}, "
               f"ratio in-graph/cut {med['in-graph'] / med['cut']:.3f}", flush=True)  # fmt: skip
 

@@ -16,38 +16,21 @@ import argparse
 import os
 
 import torch
-from torch import fx
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import acopt
 from acopt import models
-from acopt.inductor import _detached, compile_inductor
+from acopt.inductor import compile_inductor
 from acopt.measure import live_bytes
 
 
 def _run_marked(runner, inputs):
-    """``runner(*inputs)`` with a profiler range per segment (same frees as _Runner.__call__)."""
+    """``runner(*inputs)`` with a profiler range per segment."""
     env = dict(zip(runner._placeholders, inputs, strict=True))
     for i, seg in enumerate(runner.segments):
         with record_function(f"acopt_segment_{i}"):
-            if seg.compiled:
-                args = [_detached(env[name]) for name in seg.inputs]
-                for name in seg.frees:
-                    env.pop(name, None)
-                if seg.fn is None:
-                    seg.fn = runner._compile_segment(seg.graph_module, args)
-                outs = seg.fn(args)
-                env.update(zip(seg.outputs, outs, strict=True))
-                del outs
-            else:
-                for n in seg.nodes:
-                    a = fx.node.map_arg(n.args, lambda x: env[x.name])
-                    k = fx.node.map_arg(n.kwargs, lambda x: env[x.name])
-                    env[n.name] = n.target(*a, **k)
-                    del a, k
-                for name in seg.frees:
-                    env.pop(name, None)
+            runner.run_segment(seg, env)
     env.clear()
 
 
